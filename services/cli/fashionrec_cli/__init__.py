@@ -1,0 +1,1 @@
+"""fashionrec cli."""

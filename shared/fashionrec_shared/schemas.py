@@ -1,0 +1,158 @@
+"""HTTP schemas: the public API (gateway) and the internal indexer API the gateway calls.
+
+The public shapes follow the contract in the design notes; the indexer's carry object keys
+instead of URLs (only the gateway knows how images are served).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fashionrec_shared.tasks import ImageRef
+
+ItemStatus = Literal["pending", "indexed", "failed"]
+JobStatus = Literal["queued", "running", "completed", "failed"]
+
+MAX_K = 50
+
+
+class ItemMetadata(BaseModel):
+    """What a client sends with an item image (`metadata` form field, JSON)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    sku: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")
+    title: str | None = Field(default=None, max_length=500)
+    category: str | None = Field(default=None, max_length=128)
+    price: float | None = Field(default=None, ge=0, le=1e9)
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class SearchFilters(BaseModel):
+    category: str | None = None
+    min_price: float | None = Field(default=None, ge=0)
+    max_price: float | None = Field(default=None, ge=0)
+
+
+# ---- public API ---------------------------------------------------------------------------
+
+
+class SearchResult(BaseModel):
+    item_id: str
+    sku: str
+    title: str | None
+    category: str | None
+    price: float | None
+    score: float = Field(description="cosine similarity in [-1, 1], highest first")
+    image_url: str
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchResult]
+    model_version: str
+    index_version: str | None
+
+
+class ItemAccepted(BaseModel):
+    item_id: str
+    job_id: str
+
+
+class ItemOut(BaseModel):
+    item_id: str
+    sku: str
+    title: str | None
+    category: str | None
+    price: float | None
+    attributes: dict[str, Any]
+    status: ItemStatus
+    error: str | None = None
+    image_url: str
+    model_version: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class JobError(BaseModel):
+    item_id: str | None = None
+    sku: str | None = None
+    error: str
+
+
+class JobOut(BaseModel):
+    job_id: str
+    kind: str
+    status: JobStatus
+    total: int
+    done: int
+    failed: int
+    errors: list[JobError] = Field(default_factory=list)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class JobCreate(BaseModel):
+    """Opens a job that later item uploads attach to (`POST /v1/items?job_id=…`), e.g. one ingest."""
+
+    kind: str = Field(default="ingest", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+# ---- indexer API (internal) -----------------------------------------------------------------
+
+
+class UpsertItem(BaseModel):
+    metadata: ItemMetadata
+    image: ImageRef
+    job_id: str | None = None
+
+
+class UpsertItemResult(BaseModel):
+    item_id: str
+    job_id: str
+    created: bool
+    embed_queued: bool
+
+
+class IndexerItem(BaseModel):
+    item_id: str
+    sku: str
+    title: str | None
+    category: str | None
+    price: float | None
+    attributes: dict[str, Any]
+    status: ItemStatus
+    error: str | None = None
+    image: ImageRef
+    model_version: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class VectorQuery(BaseModel):
+    vector: str = Field(description="base64 little-endian float32, as sent by the embedder")
+    model_version: str
+    k: int = Field(default=5, ge=1, le=MAX_K)
+    filters: SearchFilters = Field(default_factory=SearchFilters)
+
+
+class IndexerHit(BaseModel):
+    item_id: str
+    sku: str
+    title: str | None
+    category: str | None
+    price: float | None
+    score: float
+    image: ImageRef
+
+
+class IndexerSearchResponse(BaseModel):
+    results: list[IndexerHit]
+    model_version: str
+    index_version: str | None
+
+
+class RebuildAccepted(BaseModel):
+    task_id: str

@@ -1,0 +1,86 @@
+"""Celery queues, task names and typed payloads: the contract between gateway, embedder and indexer.
+
+Tasks are sent by name (`send_task`), so no service imports another's task code. Payloads are
+pydantic models dumped to JSON; vectors travel as base64 float32 (see `vectors`).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+
+class Queue(StrEnum):
+    # Served by embedder workers (one per GPU or CPU box): everything that runs the model.
+    EMBED = "embed"
+    # Served by indexer workers: writes to Postgres and index builds.
+    INDEX = "index"
+
+
+class TaskName(StrEnum):
+    EMBED_QUERY = "fashionrec.embedder.embed_query"
+    EMBED_ITEMS = "fashionrec.embedder.embed_items"
+    STORE_EMBEDDINGS = "fashionrec.indexer.store_embeddings"
+    BUILD_INDEX = "fashionrec.indexer.build_index"
+
+
+TASK_QUEUES: dict[TaskName, Queue] = {
+    TaskName.EMBED_QUERY: Queue.EMBED,
+    TaskName.EMBED_ITEMS: Queue.EMBED,
+    TaskName.STORE_EMBEDDINGS: Queue.INDEX,
+    TaskName.BUILD_INDEX: Queue.INDEX,
+}
+
+
+class ImageRef(BaseModel):
+    """An image in object storage; the key is derived from the content hash."""
+
+    key: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class EmbedQuery(BaseModel):
+    image: ImageRef
+
+
+class EmbedQueryResult(BaseModel):
+    vector: str = Field(description="base64 of little-endian float32, L2-normalised")
+    dim: int
+    model_version: str
+    cached: bool = False
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class EmbedItem(BaseModel):
+    item_id: str
+    image: ImageRef
+
+
+class EmbedItems(BaseModel):
+    job_id: str | None = None
+    items: list[EmbedItem]
+
+
+class ItemEmbedding(BaseModel):
+    item_id: str
+    image_sha256: str
+    vector: str = Field(description="base64 of little-endian float32, L2-normalised")
+
+
+class ItemFailure(BaseModel):
+    item_id: str
+    error: str
+
+
+class StoreEmbeddings(BaseModel):
+    job_id: str | None = None
+    model_version: str
+    dim: int
+    embeddings: list[ItemEmbedding] = Field(default_factory=list)
+    failures: list[ItemFailure] = Field(default_factory=list)
+
+
+class BuildIndex(BaseModel):
+    reason: str = "manual"
+    force: bool = False
