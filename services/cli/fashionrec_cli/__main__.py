@@ -1,0 +1,3 @@
+from fashionrec_cli.main import app
+
+app()

@@ -1,0 +1,193 @@
+"""`fashionrec`: run the stack on one machine, load catalogues, try it with demo data."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="fashionrec: visual fashion recommendations (gateway, embedder, indexer).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+GatewayOpt = Annotated[
+    str, typer.Option("--gateway", envvar="FASHIONREC_GATEWAY_URL", help="gateway base URL")
+]
+ApiKeyOpt = Annotated[
+    str | None, typer.Option("--api-key", envvar="FASHIONREC_API_KEY", help="X-API-Key for writes")
+]
+
+
+def _raise_interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="gateway port")] = 8000,
+    host: Annotated[str, typer.Option(help="gateway bind address")] = "127.0.0.1",
+    data_dir: Annotated[Path, typer.Option(help="where embedded services keep data")] = Path(
+        "data"
+    ),
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="model weights: a file, 'imagenet' or 'random:SEED' "
+            "(default: FASHIONREC_EMBEDDER_WEIGHTS, else imagenet)"
+        ),
+    ] = None,
+    embedders: Annotated[int, typer.Option(min=1, help="embedder worker processes")] = 1,
+    ready_timeout: Annotated[float, typer.Option(help="seconds to wait for /readyz")] = 300.0,
+) -> None:
+    """Start the whole stack (embedded Postgres/Redis/blob dir unless configured); Ctrl-C stops it."""
+    from fashionrec_cli.stack import Stack, StackOptions
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    options = StackOptions(
+        data_dir=data_dir,
+        port=port,
+        host=host,
+        weights=weights,
+        embedders=embedders,
+        ready_timeout_s=ready_timeout,
+    )
+    stack = Stack(options)
+    code = 0
+    try:
+        with console.status("starting fashionrec") as status:
+            seconds = stack.start(progress=lambda msg: status.update(f"[bold]{msg}…"))
+        console.print(
+            f"[green]fashionrec is ready[/] in {seconds:.1f}s at [bold]{stack.gateway_url}[/] "
+            f"(API docs: {stack.gateway_url}/docs, logs: {data_dir.resolve() / 'logs'}). "
+            "Ctrl-C stops it."
+        )
+        stack.watch()
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    except (RuntimeError, TimeoutError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        code = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+        console.print("stopped.")
+    raise typer.Exit(code)
+
+
+@app.command()
+def ingest(
+    catalog: Annotated[Path, typer.Argument(help="catalogue .csv or .jsonl")],
+    images: Annotated[Path, typer.Option("--images", help="directory the image paths are relative to")],
+    gateway: GatewayOpt = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    wait: Annotated[bool, typer.Option(help="wait for the embedding jobs")] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the jobs")] = 1800.0,
+) -> None:
+    """Upload a catalogue to the gateway with a progress bar, wait for indexing, print a summary."""
+    from fashionrec_cli.ingest import ingest as run_ingest
+    from fashionrec_cli.ingest import print_summary
+
+    if not catalog.is_file():
+        console.print(f"[red]error:[/] catalogue {catalog} does not exist")
+        raise typer.Exit(2)
+    if not images.is_dir():
+        console.print(f"[red]error:[/] image directory {images} does not exist")
+        raise typer.Exit(2)
+    summary = run_ingest(
+        catalog,
+        images,
+        gateway,
+        api_key=api_key,
+        concurrency=concurrency,
+        wait=wait,
+        timeout_s=timeout,
+    )
+    print_summary(summary)
+    if summary.uploaded == 0 and summary.rejected:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    count: Annotated[int, typer.Option(min=1, max=5000, help="synthetic garments")] = 60,
+    seed: Annotated[int, typer.Option(help="catalogue seed")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="where to write the catalogue (default: a temp dir)")
+    ] = None,
+    gateway: GatewayOpt = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Draw a synthetic catalogue of garments and load it, to see real results without a dataset."""
+    from fashionrec_cli.ingest import ingest as run_ingest
+    from fashionrec_cli.ingest import print_summary
+    from fashionrec_cli.synthetic import generate_catalog, write_catalog
+
+    out_dir = out or Path(tempfile.mkdtemp(prefix="fashionrec-demo-"))
+    specs = generate_catalog(count, seed=seed)
+    catalog_path = write_catalog(specs, out_dir, fmt="csv")
+    console.print(f"wrote {len(specs)} garments to {out_dir}")
+    summary = run_ingest(catalog_path, out_dir, gateway, api_key=api_key)
+    print_summary(summary)
+    example = next(iter(sorted(out_dir.glob("**/*.jpg"))), None)
+    if example is not None:
+        console.print(
+            "try a search:\n"
+            f"  curl -s -F image=@{example} '{gateway}/v1/search?k=5' | python3 -m json.tool"
+        )
+
+
+@app.command()
+def search(
+    image: Annotated[Path, typer.Argument(help="photo of a garment")],
+    k: Annotated[int, typer.Option(min=1, max=50)] = 5,
+    gateway: GatewayOpt = "http://127.0.0.1:8000",
+) -> None:
+    """Search the inventory with a photo and print the nearest items."""
+    import httpx
+    from rich.table import Table
+
+    if not image.is_file():
+        console.print(f"[red]error:[/] {image} does not exist")
+        raise typer.Exit(2)
+    try:
+        with image.open("rb") as fh:
+            response = httpx.post(
+                f"{gateway}/v1/search", params={"k": k}, files={"image": fh}, timeout=60
+            )
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error:[/] gateway unreachable at {gateway}: {exc}")
+        raise typer.Exit(1) from None
+    if response.status_code != 200:
+        detail = response.json().get("detail") if response.content else response.reason_phrase
+        console.print(f"[red]error {response.status_code}:[/] {detail}")
+        raise typer.Exit(1)
+    body = response.json()
+    table = Table(title=f"model {body['model_version']}, index {body['index_version']}")
+    for column in ("score", "sku", "title", "category", "price", "image_url"):
+        table.add_column(column)
+    for hit in body["results"]:
+        table.add_row(
+            f"{hit['score']:.3f}", hit["sku"], hit["title"] or "", hit["category"] or "",
+            "" if hit["price"] is None else f"{hit['price']:.2f}", hit["image_url"],
+        )  # fmt: skip
+    Console().print(table)
+
+
+def main() -> None:  # pragma: no cover - console script shim
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

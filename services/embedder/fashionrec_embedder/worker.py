@@ -1,0 +1,399 @@
+"""Celery worker of the embedder (queue `embed`): the only process family that runs the model.
+
+The Celery app is built by `create_celery()` (no module-level app built from the environment).
+Each prefork child builds its settings, blob store, Redis client and model in
+`worker_process_init` (after the fork: torch thread pools and CUDA do not survive a fork), then
+announces itself with a heartbeat key the gateway's /readyz counts.
+
+Task bodies are plain functions (`embed_query`, `embed_items`) taking a `WorkerContext`, so tests
+run them against real storage and Redis without a worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import kombu.exceptions
+import numpy as np
+import redis
+from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init, worker_process_shutdown
+from fashionrec_shared.celery_app import (
+    HARD_TIME_LIMIT,
+    MAX_DELIVERIES,
+    SOFT_TIME_LIMIT,
+    delivery_count,
+    make_celery,
+    send,
+)
+from fashionrec_shared.storage import (
+    BlobNotFound,
+    BlobStore,
+    StorageUnavailable,
+    make_blob_store,
+    sha256_hex,
+)
+from fashionrec_shared.tasks import (
+    EmbedItem,
+    EmbedItems,
+    EmbedQuery,
+    EmbedQueryResult,
+    ImageRef,
+    ItemEmbedding,
+    ItemFailure,
+    StoreEmbeddings,
+    TaskName,
+)
+from fashionrec_shared.vectors import encode_vector
+from PIL import Image
+
+from fashionrec_embedder.model import Embedder
+from fashionrec_embedder.preprocess import decode_image
+from fashionrec_embedder.settings import EmbedderSettings
+
+log = logging.getLogger("fashionrec.embedder.worker")
+
+# Only errors that a later attempt can fix are retried; bad input is reported, never retried.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    StorageUnavailable,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    kombu.exceptions.OperationalError,
+)
+TASK_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "autoretry_for": TRANSIENT_ERRORS,
+    "retry_backoff": True,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": 3,
+    "soft_time_limit": SOFT_TIME_LIMIT,
+    "time_limit": HARD_TIME_LIMIT,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+}
+HEARTBEAT_PREFIX = "fashionrec:embedder:alive"
+HEARTBEAT_TTL_S = 30
+HEARTBEAT_INTERVAL_S = 10.0
+
+
+class PoisonMessage(RuntimeError):
+    """A message was delivered more than MAX_DELIVERIES times (it keeps killing workers)."""
+
+
+class ImageMismatch(ValueError):
+    """The stored bytes do not hash to the sha256 the message names."""
+
+
+def heartbeat_key(hostname: str | None = None, pid: int | None = None) -> str:
+    return f"{HEARTBEAT_PREFIX}:{hostname or socket.gethostname()}:{pid or os.getpid()}"
+
+
+class Heartbeat:
+    """Refreshes this process's alive key (TTL 30 s) every 10 s from a daemon thread."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        info: dict[str, Any],
+        *,
+        interval_s: float = HEARTBEAT_INTERVAL_S,
+        ttl_s: int = HEARTBEAT_TTL_S,
+    ) -> None:
+        self.client = client
+        self.key = heartbeat_key()
+        self.value = json.dumps(info)
+        self.interval_s = interval_s
+        self.ttl_s = ttl_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        self.client.set(self.key, self.value, ex=self.ttl_s)
+
+    def _beat_logged(self) -> None:
+        try:
+            self.beat()
+        except redis.RedisError as exc:  # keep trying: Redis may come back before the TTL
+            log.warning("heartbeat %s failed: %s", self.key, exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._beat_logged()
+
+    def start(self) -> None:
+        """Announce now (the process is ready), then refresh from a daemon thread."""
+        if self._thread is None:
+            self._stop.clear()
+            self._beat_logged()
+            self._thread = threading.Thread(
+                target=self._run, name="embedder-heartbeat", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._thread = None
+        with contextlib.suppress(redis.RedisError):  # the TTL removes it anyway
+            self.client.delete(self.key)
+
+
+def default_threads(settings: EmbedderSettings) -> EmbedderSettings:
+    """With several CPU worker processes, split the cores instead of oversubscribing them."""
+    if settings.threads is not None or settings.concurrency <= 1:
+        return settings
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return settings.model_copy(update={"threads": max(1, (cores or 1) // settings.concurrency)})
+
+
+@dataclass
+class WorkerContext:
+    """Everything a task needs; one per worker process."""
+
+    settings: EmbedderSettings
+    store: BlobStore
+    redis: redis.Redis
+    model: Embedder
+    heartbeat: Heartbeat | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, settings: EmbedderSettings) -> WorkerContext:
+        model = Embedder(settings)
+        model.load()
+        return cls(
+            settings=settings,
+            store=make_blob_store(settings.storage),
+            redis=redis.Redis.from_url(settings.broker.url),
+            model=model,
+        )
+
+    def start_heartbeat(self) -> None:
+        self.heartbeat = Heartbeat(self.redis, self.model.describe())
+        self.heartbeat.start()
+
+    def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        self.redis.close()
+
+
+_context: WorkerContext | None = None
+_context_lock = threading.Lock()
+
+
+def set_context(context: WorkerContext | None) -> None:
+    global _context
+    _context = context
+
+
+def get_context() -> WorkerContext:
+    """This process's context; built lazily for pools without worker_process_init (solo)."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            _context = WorkerContext.build(default_threads(EmbedderSettings()))
+            _context.start_heartbeat()
+        return _context
+
+
+@worker_process_init.connect
+def _init_worker_process(**_: Any) -> None:
+    started = time.perf_counter()
+    context = get_context()
+    log.info(
+        "embedder process %d ready: model %s (dim %d) on %s, model load %.2fs, init %.2fs, "
+        "heartbeat %s",
+        os.getpid(),
+        context.model.model_version,
+        context.model.dim,
+        context.model.device,
+        context.model.load_seconds or 0.0,
+        time.perf_counter() - started,
+        context.heartbeat.key if context.heartbeat else "-",
+    )
+
+
+@worker_process_shutdown.connect
+def _shutdown_worker_process(**_: Any) -> None:
+    if _context is not None:
+        _context.close()
+        set_context(None)
+
+
+# ---- task bodies ----------------------------------------------------------------------------
+
+
+def deliveries_exceeded(context: WorkerContext, task_id: str | None, retries: int) -> int | None:
+    """Count this delivery; the count when the message is poison, else None.
+
+    Retries re-send the message under the same id, so they are not counted as redeliveries.
+    """
+    if not task_id:
+        return None
+    count = delivery_count(context.redis, task_id)
+    return count if count - retries > MAX_DELIVERIES else None
+
+
+def load_image(context: WorkerContext, ref: ImageRef) -> Image.Image:
+    """Fetch and decode one stored image: the one path for query and inventory images."""
+    data = context.store.get(ref.key)
+    return decode_image_checked(context, ref, data)
+
+
+def decode_image_checked(context: WorkerContext, ref: ImageRef, data: bytes) -> Image.Image:
+    if sha256_hex(data) != ref.sha256:
+        raise ImageMismatch(f"stored bytes of {ref.key} do not match sha256 {ref.sha256}")
+    settings = context.settings
+    return decode_image(data, max_pixels=settings.max_image_pixels, draft_size=settings.image_size)
+
+
+def _valid_vector(vector: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(vector))) and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3
+
+
+def embed_query(
+    context: WorkerContext, payload: dict[str, Any], *, task_id: str | None = None, retries: int = 0
+) -> dict[str, Any]:
+    """EMBED_QUERY: one stored query image → EmbedQueryResult (as a dict)."""
+    poisoned = deliveries_exceeded(context, task_id, retries)
+    if poisoned is not None:
+        raise PoisonMessage(f"poison message: gave up after {poisoned} deliveries")
+    request = EmbedQuery.model_validate(payload)
+    t0 = time.perf_counter()
+    data = context.store.get(request.image.key)
+    t1 = time.perf_counter()
+    image = decode_image_checked(context, request.image, data)
+    t2 = time.perf_counter()
+    vector = context.model.embed([image])[0]
+    t3 = time.perf_counter()
+    if not _valid_vector(vector):
+        raise ValueError("the model produced a non-finite or zero embedding for this image")
+    return EmbedQueryResult(
+        vector=encode_vector(vector),
+        dim=int(vector.shape[0]),
+        model_version=context.model.model_version,
+        timings_ms={
+            "fetch": round((t1 - t0) * 1000, 2),
+            "decode": round((t2 - t1) * 1000, 2),
+            "infer": round((t3 - t2) * 1000, 2),
+        },
+    ).model_dump()
+
+
+def _failure(item: EmbedItem, error: str) -> ItemFailure:
+    return ItemFailure(item_id=item.item_id, error=error)
+
+
+def embed_items(
+    context: WorkerContext,
+    payload: dict[str, Any],
+    *,
+    store_results: Callable[[StoreEmbeddings], object],
+    task_id: str | None = None,
+    retries: int = 0,
+) -> dict[str, Any]:
+    """EMBED_ITEMS: embed inventory images in batches, then hand results to the indexer.
+
+    Per-item problems (missing blob, undecodable image) become ItemFailure; transient storage or
+    broker errors propagate so Celery retries the whole (idempotent) task.
+    """
+    request = EmbedItems.model_validate(payload)
+    model = context.model
+    items = request.items
+    embeddings: list[ItemEmbedding] = []
+    failures: list[ItemFailure] = []
+    summary: dict[str, Any] = {"job_id": request.job_id, "model_version": model.model_version}
+
+    poisoned = deliveries_exceeded(context, task_id, retries)
+    if poisoned is not None:
+        reason = f"poison message: gave up after {poisoned} deliveries"
+        log.error("task %s: %s; reporting %d items failed", task_id, reason, len(items))
+        failures = [_failure(item, reason) for item in items]
+    else:
+        started = time.perf_counter()
+        try:
+            for start in range(0, len(items), context.settings.batch_size):
+                good: list[tuple[EmbedItem, Image.Image]] = []
+                for item in items[start : start + context.settings.batch_size]:
+                    try:
+                        good.append((item, load_image(context, item.image)))
+                    except BlobNotFound:
+                        reason = f"image not found in storage: {item.image.key}"
+                        failures.append(_failure(item, reason))
+                    except ValueError as exc:  # ImageDecodeError, ImageMismatch, a bad key
+                        failures.append(_failure(item, str(exc)))
+                vectors = model.embed([image for _, image in good])
+                for (item, _), vector in zip(good, vectors, strict=True):
+                    if _valid_vector(vector):
+                        embeddings.append(
+                            ItemEmbedding(
+                                item_id=item.item_id,
+                                image_sha256=item.image.sha256,
+                                vector=encode_vector(vector),
+                            )
+                        )
+                    else:
+                        failures.append(_failure(item, "the model produced a non-finite embedding"))
+        except SoftTimeLimitExceeded:
+            reported = {e.item_id for e in embeddings} | {f.item_id for f in failures}
+            unfinished = [item for item in items if item.item_id not in reported]
+            log.warning("soft time limit hit: %d items not embedded", len(unfinished))
+            failures.extend(
+                _failure(item, "embedding timed out (task time limit); upload the item again")
+                for item in unfinished
+            )
+        summary["seconds"] = round(time.perf_counter() - started, 3)
+
+    if items:
+        store_results(
+            StoreEmbeddings(
+                job_id=request.job_id,
+                model_version=model.model_version,
+                dim=model.dim,
+                embeddings=embeddings,
+                failures=failures,
+            )
+        )
+    summary.update(embedded=len(embeddings), failed=len(failures), poison=poisoned is not None)
+    return summary
+
+
+# ---- Celery app -----------------------------------------------------------------------------
+
+
+def create_celery(settings: EmbedderSettings | None = None) -> Celery:
+    """The embedder's Celery app with both tasks registered (sent by name from other services)."""
+    settings = settings or EmbedderSettings()
+    app = make_celery("fashionrec_embedder", settings.broker)
+
+    app.task(name=str(TaskName.EMBED_QUERY), **TASK_OPTIONS)(embed_query_task)
+    app.task(name=str(TaskName.EMBED_ITEMS), **TASK_OPTIONS)(embed_items_task)
+    return app
+
+
+def embed_query_task(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+    return embed_query(
+        get_context(), payload, task_id=self.request.id, retries=self.request.retries or 0
+    )
+
+
+def embed_items_task(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+    return embed_items(
+        get_context(),
+        payload,
+        store_results=lambda result: send(self.app, TaskName.STORE_EMBEDDINGS, result),
+        task_id=self.request.id,
+        retries=self.request.retries or 0,
+    )

@@ -1,0 +1,158 @@
+"""Query embeddings: a Celery round trip to the embedder, behind a Redis cache keyed by image sha.
+
+The gateway never loads the model; it sends `fashionrec.embedder.embed_query` (queue `embed`) by
+name with an `EmbedQuery` payload and waits a bounded time for the `EmbedQueryResult` dict.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import redis
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from fashionrec_shared.celery_app import send
+from fashionrec_shared.problems import ProblemError
+from fashionrec_shared.tasks import EmbedQuery, EmbedQueryResult, ImageRef, TaskName
+from kombu.exceptions import OperationalError as KombuOperationalError
+from pydantic import ValidationError
+
+log = logging.getLogger("fashionrec.gateway.embedding")
+
+QVEC_PREFIX = "fashionrec:qvec:"
+
+
+class QueryEmbedder(Protocol):
+    def __call__(self, image: ImageRef, timeout_s: float) -> EmbedQueryResult: ...
+
+
+def tune_for_requests(app: Celery) -> Celery:
+    """Fail fast when Redis is gone: a request waits seconds, not Celery's default 20 retries."""
+    app.conf.result_backend_transport_options = {
+        "retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        }
+    }
+    app.conf.task_publish_retry_policy = {
+        "max_retries": 2,
+        "interval_start": 0,
+        "interval_step": 0.2,
+        "interval_max": 0.5,
+    }
+    return app
+
+
+def _unreachable(exc: BaseException) -> bool:
+    # Celery reports a result store it could not reconnect to as a RuntimeError caused by
+    # the connection error.
+    cause = exc if not isinstance(exc, RuntimeError) else exc.__cause__
+    return isinstance(cause, _CONNECTION_ERRORS)
+
+
+_CONNECTION_ERRORS = (
+    KombuOperationalError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ConnectionError,
+)
+
+
+class CeleryQueryEmbedder:
+    """Sends EMBED_QUERY and waits for its result; failures become 503/504/502 problems."""
+
+    def __init__(self, app: Celery, sender: Callable[..., Any] = send) -> None:
+        self.app = app
+        self._send = sender  # replaced in tests; the real one is fashionrec_shared.celery_app.send
+
+    def __call__(self, image: ImageRef, timeout_s: float) -> EmbedQueryResult:
+        try:
+            # expires: a query nobody waits for any more is not worth a worker's time.
+            result = self._send(
+                self.app, TaskName.EMBED_QUERY, EmbedQuery(image=image), expires=timeout_s
+            )
+        except (*_CONNECTION_ERRORS, RuntimeError) as exc:
+            if not _unreachable(exc):
+                raise
+            raise ProblemError(
+                503,
+                "Service Unavailable",
+                f"the task broker is unreachable ({exc.__cause__ or exc})",
+            ) from exc
+        try:
+            raw = result.get(timeout=timeout_s)
+        except CeleryTimeoutError as exc:
+            raise ProblemError(
+                504,
+                "Gateway Timeout",
+                f"no embedder answered within {timeout_s:g} s; are embedder workers running?",
+            ) from exc
+        except Exception as exc:  # the task itself failed, or Redis went away
+            if _unreachable(exc):
+                raise ProblemError(
+                    503, "Service Unavailable", f"the result backend is unreachable ({exc})"
+                ) from exc
+            log.warning("embed_query failed for %s: %r", image.key, exc)
+            raise ProblemError(502, "Bad Gateway", f"the embedder failed: {exc}") from exc
+        _forget(result)
+        try:
+            if isinstance(raw, str | bytes):
+                return EmbedQueryResult.model_validate_json(raw)
+            return EmbedQueryResult.model_validate(raw)
+        except ValidationError as exc:
+            raise ProblemError(
+                502, "Bad Gateway", f"the embedder sent an unexpected result: {exc.errors()[:3]}"
+            ) from exc
+
+
+def _forget(result: Any) -> None:
+    # The gateway is the only reader of a query's result; free the backend key now.
+    forget = getattr(result, "forget", None)
+    if forget is None:
+        return
+    try:
+        forget()
+    except Exception:  # best effort; the key expires anyway
+        log.debug("could not forget task result", exc_info=True)
+
+
+class QueryVectorCache:
+    """EmbedQueryResult JSON under `fashionrec:qvec:{sha256}`; Redis trouble is a cache miss."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+
+    def get(self, sha256: str) -> EmbedQueryResult | None:
+        if self.ttl_s <= 0:
+            return None
+        try:
+            raw = self.client.get(QVEC_PREFIX + sha256)
+        except redis.RedisError:
+            log.warning("query cache read failed", exc_info=True)
+            return None
+        if raw is None:
+            return None
+        try:
+            return EmbedQueryResult.model_validate_json(raw)
+        except ValidationError:
+            self.drop(sha256)
+            return None
+
+    def put(self, sha256: str, result: EmbedQueryResult) -> None:
+        if self.ttl_s <= 0:
+            return
+        try:
+            self.client.set(QVEC_PREFIX + sha256, result.model_dump_json(), ex=self.ttl_s)
+        except redis.RedisError:
+            log.warning("query cache write failed", exc_info=True)
+
+    def drop(self, sha256: str) -> None:
+        try:
+            self.client.delete(QVEC_PREFIX + sha256)
+        except redis.RedisError:
+            log.warning("query cache delete failed", exc_info=True)

@@ -1,0 +1,133 @@
+"""HTTP client for the indexer's internal API; its failures become problems for our callers.
+
+Mapping: unreachable -> 503, no answer in time -> 504, 409 -> IndexerConflict (the search flow
+re-embeds once), other 4xx -> the same status with the indexer's detail, 5xx or garbage -> 502.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import httpx
+from fashionrec_shared.problems import ProblemError
+from fashionrec_shared.schemas import (
+    IndexerItem,
+    IndexerSearchResponse,
+    JobCreate,
+    JobOut,
+    SearchFilters,
+    UpsertItem,
+    UpsertItemResult,
+    VectorQuery,
+)
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+# Ids go into URL paths; anything else could walk the indexer's routes ("..").
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class IndexerConflict(ProblemError):
+    """The indexer answered 409 (model version changed, or the item has no embedding yet)."""
+
+
+def check_id(value: str, what: str) -> str:
+    if not _ID_RE.match(value):
+        raise ProblemError(404, "Not Found", f"{what} {value!r} not found")
+    return value
+
+
+class IndexerClient:
+    def __init__(self, client: httpx.Client) -> None:
+        self.http = client
+
+    @classmethod
+    def create(
+        cls, base_url: str, timeout_s: float, transport: httpx.BaseTransport | None = None
+    ) -> IndexerClient:
+        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 3.0))
+        return cls(httpx.Client(base_url=base_url, timeout=timeout, transport=transport))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise ProblemError(
+                504, "Gateway Timeout", f"the indexer did not answer in time ({exc!r})"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ProblemError(
+                503, "Service Unavailable", f"the indexer is unreachable ({exc!r})"
+            ) from exc
+        if response.is_success:
+            return response
+        title, detail = _problem_of(response)
+        if response.status_code == 409:
+            raise IndexerConflict(409, title or "Conflict", detail)
+        if 400 <= response.status_code < 500:
+            raise ProblemError(response.status_code, title or "Error", detail)
+        raise ProblemError(
+            502, "Bad Gateway", f"the indexer failed with {response.status_code}: {detail}"
+        )
+
+    def _parse(self, response: httpx.Response, model: type[M]) -> M:
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise ProblemError(
+                502, "Bad Gateway", f"the indexer sent an unexpected answer: {exc.errors()[:3]}"
+            ) from exc
+
+    def search(self, query: VectorQuery) -> IndexerSearchResponse:
+        response = self._request("POST", "/search", json=query.model_dump(mode="json"))
+        return self._parse(response, IndexerSearchResponse)
+
+    def similar(self, item_id: str, k: int, filters: SearchFilters) -> IndexerSearchResponse:
+        params = {"k": k, **filters.model_dump(exclude_none=True)}
+        response = self._request(
+            "GET", f"/items/{check_id(item_id, 'item')}/similar", params=params
+        )
+        return self._parse(response, IndexerSearchResponse)
+
+    def upsert_item(self, item: UpsertItem) -> UpsertItemResult:
+        response = self._request("POST", "/items", json=item.model_dump(mode="json"))
+        return self._parse(response, UpsertItemResult)
+
+    def get_item(self, item_id: str) -> IndexerItem:
+        response = self._request("GET", f"/items/{check_id(item_id, 'item')}")
+        return self._parse(response, IndexerItem)
+
+    def delete_item(self, item_id: str) -> None:
+        self._request("DELETE", f"/items/{check_id(item_id, 'item')}")
+
+    def create_job(self, job: JobCreate) -> JobOut:
+        response = self._request("POST", "/jobs", json=job.model_dump(mode="json"))
+        return self._parse(response, JobOut)
+
+    def get_job(self, job_id: str) -> JobOut:
+        response = self._request("GET", f"/jobs/{check_id(job_id, 'job')}")
+        return self._parse(response, JobOut)
+
+    def ready(self, timeout_s: float = 3.0) -> None:
+        """Raises ProblemError unless the indexer's /readyz answers 200."""
+        self._request("GET", "/readyz", timeout=timeout_s)
+
+
+def _problem_of(response: httpx.Response) -> tuple[str | None, str]:
+    """(title, detail) of an error answer, problem+json or not."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, response.text[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        detail = body.get("detail")
+        if not isinstance(detail, str):
+            detail = str(detail) if detail is not None else response.reason_phrase
+        title = body.get("title")
+        return (title if isinstance(title, str) else None), detail
+    return None, str(body)[:500]

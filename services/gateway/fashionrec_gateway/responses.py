@@ -1,0 +1,30 @@
+"""Documented error answers for the OpenAPI schema (all are application/problem+json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fashionrec_shared.problems import PROBLEM_JSON, Problem
+
+_DESCRIPTIONS = {
+    401: "missing or wrong X-API-Key",
+    404: "not found",
+    409: "conflict reported by the indexer",
+    413: "upload too large (bytes or pixels)",
+    415: "not an image in a supported format",
+    422: "invalid input",
+    502: "a backend service failed",
+    503: "a backend service is unreachable",
+    504: "the embedder did not answer in time",
+}
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        code: {
+            "model": Problem,
+            "description": _DESCRIPTIONS.get(code, "error"),
+            "content": {PROBLEM_JSON: {}},
+        }
+        for code in codes
+    }

@@ -1,0 +1,48 @@
+"""Search filters in, indexer hits out as public results with image URLs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fashionrec_shared.problems import ProblemError
+from fashionrec_shared.schemas import (
+    MAX_K,
+    IndexerSearchResponse,
+    SearchFilters,
+    SearchResponse,
+    SearchResult,
+)
+from fastapi import Query
+
+from fashionrec_gateway.urls import image_url
+
+K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
+Category = Annotated[str | None, Query(max_length=128, description="only this category")]
+Price = Annotated[float | None, Query(ge=0)]
+
+
+def make_filters(
+    category: str | None, min_price: float | None, max_price: float | None
+) -> SearchFilters:
+    if min_price is not None and max_price is not None and min_price > max_price:
+        raise ProblemError(422, "Unprocessable Content", "min_price is greater than max_price")
+    return SearchFilters(category=category or None, min_price=min_price, max_price=max_price)
+
+
+def to_response(found: IndexerSearchResponse, base: str) -> SearchResponse:
+    return SearchResponse(
+        results=[
+            SearchResult(
+                item_id=hit.item_id,
+                sku=hit.sku,
+                title=hit.title,
+                category=hit.category,
+                price=hit.price,
+                score=hit.score,
+                image_url=image_url(base, hit.image.key),
+            )
+            for hit in found.results
+        ],
+        model_version=found.model_version,
+        index_version=found.index_version,
+    )

@@ -1,0 +1,121 @@
+"""`fashionrec-indexer`: migrate, serve, worker, rebuild."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated
+
+import typer
+from fashionrec_shared.tasks import Queue
+
+from fashionrec_indexer.settings import IndexerSettings
+
+cli = typer.Typer(help="fashionrec indexer: inventory database, index builds and search API.")
+
+
+def _settings() -> IndexerSettings:
+    settings = IndexerSettings()  # type: ignore[call-arg]
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    return settings
+
+
+@cli.command()
+def migrate(
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the database")] = 60.0,
+) -> None:
+    """Wait for the database, then apply the schema migrations (alembic upgrade head)."""
+    from fashionrec_indexer.db import migrate as run_migrations
+
+    run_migrations(_settings().database_url, timeout)
+    typer.echo("database schema is up to date")
+
+
+@cli.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="port")] = None,
+) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn
+
+    from fashionrec_indexer.api import create_app
+
+    settings = _settings()
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level=settings.log_level.lower(),
+    )
+
+
+@cli.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
+    beat: Annotated[bool, typer.Option("--beat/--no-beat", help="embed the beat scheduler")] = True,
+) -> None:
+    """Run the Celery worker of queue `index` (STORE_EMBEDDINGS, BUILD_INDEX)."""
+    from fashionrec_indexer.worker import create_worker_app
+
+    settings = _settings()
+    settings.index_dir.mkdir(parents=True, exist_ok=True)
+    app = create_worker_app(settings)
+    argv = [
+        "worker",
+        "--queues",
+        str(Queue.INDEX),
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        settings.log_level.upper(),
+        "--hostname",
+        "indexer@%h",
+    ]
+    if beat:
+        argv.append("--beat")
+    app.worker_main(argv)
+
+
+@cli.command()
+def rebuild(
+    force: Annotated[
+        bool, typer.Option("--force/--if-changed", help="build even when nothing changed")
+    ] = True,
+) -> None:
+    """Build an index now, in this process, and print its manifest."""
+    from fashionrec_shared.storage import make_blob_store
+    from rich.console import Console
+
+    from fashionrec_indexer.builder import build_index
+    from fashionrec_indexer.db import make_engine
+
+    settings = _settings()
+    engine = make_engine(settings.database_url, pool_size=2)
+    try:
+        result = build_index(
+            engine,
+            make_blob_store(settings.storage),
+            n_trees=settings.n_trees,
+            force=force,
+            reason="cli",
+            progress=True,
+            settle_s=settings.settle_s,
+        )
+    finally:
+        engine.dispose()
+    console = Console()
+    if result.manifest is None:
+        console.print(f"[yellow]skipped:[/] {result.detail}")
+        return
+    console.print_json(json.dumps(result.manifest))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

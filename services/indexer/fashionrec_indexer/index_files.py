@@ -1,0 +1,133 @@
+"""Index build artefacts: write them, publish to object storage, fetch and verify, open read-only.
+
+A build is a directory of files under `indexes/{build_id}/` in object storage:
+index.ann (Annoy, angular), vectors.npy (L2-normalised float32 NxD, for exact re-ranking and the
+exact fallback), items.json (ids, categories, prices in Annoy order, for filtering without SQL)
+and manifest.json (sizes, model version, sha256 of every file, max_change_seq).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from annoy import AnnoyIndex
+from fashionrec_shared.storage import BlobStore
+
+METRIC = "angular"
+DATA_FILES = ("index.ann", "vectors.npy", "items.json")
+MANIFEST = "manifest.json"
+
+
+class IndexCorrupt(RuntimeError):
+    """A downloaded file does not match the manifest checksum."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def object_key(build_id: str, name: str) -> str:
+    return f"indexes/{build_id}/{name}"
+
+
+def publish(store: BlobStore, build_dir: Path, manifest: dict[str, Any]) -> None:
+    """Upload the data files first and the manifest last: a manifest means a complete build."""
+    build_id = manifest["build_id"]
+    for name in DATA_FILES:
+        store.upload_file(object_key(build_id, name), build_dir / name)
+    store.put(object_key(build_id, MANIFEST), json.dumps(manifest, indent=2).encode())
+
+
+@dataclass(frozen=True)
+class LoadedIndex:
+    """One build's files opened read-only (Annoy and numpy both mmap, so loads are cheap)."""
+
+    build_id: str
+    manifest: dict[str, Any]
+    annoy: AnnoyIndex | None
+    vectors: np.ndarray  # (N, D) float32, L2-normalised
+    ids: list[uuid.UUID]
+    categories: np.ndarray  # object array, None where unset
+    prices: np.ndarray  # float64, NaN where unset
+    directory: Path
+    positions: dict[uuid.UUID, int]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+
+def _verified(directory: Path, manifest: dict[str, Any]) -> bool:
+    return all(
+        (directory / name).is_file() and file_sha256(directory / name) == checksum
+        for name, checksum in manifest["checksums"].items()
+    )
+
+
+def fetch(store: BlobStore, build_id: str, cache_dir: Path) -> Path:
+    """Download a build into cache_dir/{build_id}/ unless a verified copy is already there."""
+    directory = cache_dir / build_id
+    manifest = json.loads(store.get(object_key(build_id, MANIFEST)))
+    if directory.is_dir() and _verified(directory, manifest):
+        return directory
+    staging = cache_dir / f".{build_id}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        for name in manifest["checksums"]:
+            store.download_file(object_key(build_id, name), staging / name)
+        if not _verified(staging, manifest):
+            raise IndexCorrupt(f"index build {build_id}: checksum mismatch after download")
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        shutil.rmtree(directory, ignore_errors=True)
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def open_build(directory: Path) -> LoadedIndex:
+    manifest = json.loads((directory / MANIFEST).read_text())
+    dim = int(manifest["dim"])
+    annoy: AnnoyIndex | None = None
+    if manifest["item_count"] > 0:
+        annoy = AnnoyIndex(dim, METRIC)
+        annoy.load(str(directory / "index.ann"))  # mmap, read-only
+    vectors = np.load(directory / "vectors.npy", mmap_mode="r")
+    meta = json.loads((directory / "items.json").read_text())
+    prices = np.array([np.nan if p is None else float(p) for p in meta["prices"]], dtype=np.float64)
+    ids = [uuid.UUID(i) for i in meta["ids"]]
+    return LoadedIndex(
+        build_id=manifest["build_id"],
+        manifest=manifest,
+        annoy=annoy,
+        vectors=vectors,
+        ids=ids,
+        categories=np.array(meta["categories"], dtype=object),
+        prices=prices,
+        directory=directory,
+        positions={item_id: i for i, item_id in enumerate(ids)},
+    )
+
+
+def prune_cache(cache_dir: Path, keep: set[str]) -> None:
+    """Remove cached builds other than `keep` (open mmaps of removed files stay valid on POSIX)."""
+    if not cache_dir.is_dir():
+        return
+    for child in cache_dir.iterdir():
+        if child.is_dir() and child.name not in keep and not child.name.startswith("."):
+            shutil.rmtree(child, ignore_errors=True)

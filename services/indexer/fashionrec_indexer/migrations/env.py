@@ -1,0 +1,25 @@
+"""Alembic environment: online migrations only, URL from the Config the indexer builds."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+config = context.config
+
+
+def run_migrations_online() -> None:
+    connectable = engine_from_config(
+        config.get_section(config.config_ini_section, {}),
+        prefix="sqlalchemy.",
+        poolclass=pool.NullPool,
+    )
+    with connectable.connect() as connection:
+        context.configure(connection=connection, target_metadata=None)
+        with context.begin_transaction():
+            # Two indexer processes migrating at once must not race on the DDL.
+            context.execute("SELECT pg_advisory_xact_lock(7423001)")
+            context.run_migrations()
+
+
+run_migrations_online()

@@ -1,0 +1,470 @@
+"""All SQL of the indexer (SQLAlchemy Core); functions take a Connection the caller scopes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fashionrec_shared.schemas import ItemMetadata
+from fashionrec_shared.tasks import ImageRef
+from sqlalchemy import Connection, Row, and_, exists, false, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+
+from fashionrec_indexer.schema import change_seq, embeddings, index_builds, items, job_items, jobs
+
+MAX_JOB_ERRORS = 100
+
+
+def parse_uuid(value: str | uuid.UUID) -> uuid.UUID | None:
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+# ---- model version and builds ------------------------------------------------------------
+
+
+def latest_ready_build(conn: Connection) -> Row | None:
+    return conn.execute(
+        select(index_builds)
+        .where(index_builds.c.status == "ready")
+        .order_by(index_builds.c.finished_at.desc())
+        .limit(1)
+    ).first()
+
+
+def latest_embedding_model(conn: Connection) -> tuple[str, int] | None:
+    """(model_version, dim) of the most recently stored embedding."""
+    row = conn.execute(
+        select(embeddings.c.model_version, embeddings.c.dim)
+        .order_by(embeddings.c.created_at.desc())
+        .limit(1)
+    ).first()
+    return (row.model_version, row.dim) if row else None
+
+
+def active_model_version(conn: Connection) -> str | None:
+    """Model of the latest ready build, else of the most recent embedding, else None."""
+    build = latest_ready_build(conn)
+    if build is not None:
+        return build.model_version
+    latest = latest_embedding_model(conn)
+    return latest[0] if latest else None
+
+
+def insert_build(conn: Connection, build_id: uuid.UUID, model_version: str) -> None:
+    conn.execute(
+        index_builds.insert().values(
+            id=build_id, status="building", model_version=model_version, created_at=func.now()
+        )
+    )
+
+
+def finish_build(conn: Connection, build_id: uuid.UUID, manifest: dict[str, Any]) -> None:
+    conn.execute(
+        update(index_builds)
+        .where(index_builds.c.id == build_id)
+        .values(
+            status="ready",
+            item_count=manifest["item_count"],
+            dim=manifest["dim"],
+            max_change_seq=manifest["max_change_seq"],
+            manifest=manifest,
+            finished_at=func.clock_timestamp(),
+        )
+    )
+
+
+def fail_build(conn: Connection, build_id: uuid.UUID, error: str) -> None:
+    conn.execute(
+        update(index_builds)
+        .where(index_builds.c.id == build_id)
+        .values(status="failed", error=error[:2000], finished_at=func.clock_timestamp())
+    )
+
+
+def max_change_seq(conn: Connection) -> int:
+    return int(conn.execute(select(func.coalesce(func.max(items.c.change_seq), 0))).scalar_one())
+
+
+def count_changed_since(conn: Connection, seq: int) -> int:
+    return int(conn.execute(select(func.count()).where(items.c.change_seq > seq)).scalar_one())
+
+
+# ---- items ---------------------------------------------------------------------------------
+
+
+def embedding_exists(conn: Connection, image_sha256: str, model_version: str | None) -> bool:
+    if model_version is None:
+        return False
+    return bool(
+        conn.execute(
+            select(
+                exists().where(
+                    embeddings.c.image_sha256 == image_sha256,
+                    embeddings.c.model_version == model_version,
+                )
+            )
+        ).scalar_one()
+    )
+
+
+@dataclass(frozen=True)
+class Upserted:
+    item_id: uuid.UUID
+    created: bool
+    status: str
+
+
+def upsert_item(
+    conn: Connection, metadata: ItemMetadata, image: ImageRef, model_version: str | None
+) -> Upserted:
+    """Insert or replace by sku: same sku keeps its id; a deleted item comes back to life."""
+    status = "indexed" if embedding_exists(conn, image.sha256, model_version) else "pending"
+    previous = conn.execute(
+        select(items.c.id, items.c.deleted_at).where(items.c.sku == metadata.sku)
+    ).first()
+    values = {
+        "sku": metadata.sku,
+        "title": metadata.title,
+        "category": metadata.category,
+        "price": metadata.price,
+        "attributes": metadata.attributes,
+        "image_key": image.key,
+        "image_sha256": image.sha256,
+        "status": status,
+        "error": None,
+    }
+    stmt = insert(items).values(
+        id=uuid.uuid4(),
+        change_seq=change_seq.next_value(),
+        created_at=func.now(),
+        updated_at=func.now(),
+        **values,
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[items.c.sku],
+        set_={
+            **{k: stmt.excluded[k] for k in values},
+            "deleted_at": None,
+            "change_seq": change_seq.next_value(),
+            "updated_at": func.now(),
+        },
+    ).returning(items.c.id)
+    item_id = conn.execute(stmt).scalar_one()
+    created = previous is None or previous.deleted_at is not None
+    return Upserted(item_id=item_id, created=created, status=status)
+
+
+def item_columns() -> list[Any]:
+    # The model version of the item's current image embedding (newest first), for display.
+    model = (
+        select(embeddings.c.model_version)
+        .where(embeddings.c.image_sha256 == items.c.image_sha256)
+        .order_by(embeddings.c.created_at.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return [*items.c, model.label("model_version")]
+
+
+def get_item(conn: Connection, item_id: uuid.UUID) -> Row | None:
+    return conn.execute(
+        select(*item_columns()).where(items.c.id == item_id, items.c.deleted_at.is_(None))
+    ).first()
+
+
+def delete_item(conn: Connection, item_id: uuid.UUID) -> bool:
+    result = conn.execute(
+        update(items)
+        .where(items.c.id == item_id, items.c.deleted_at.is_(None))
+        .values(deleted_at=func.now(), change_seq=change_seq.next_value(), updated_at=func.now())
+    )
+    return result.rowcount > 0
+
+
+def item_vector(conn: Connection, item_id: uuid.UUID, model_version: str | None) -> Row | None:
+    """(vector, dim) of a live item's current image for `model_version`, if embedded."""
+    if model_version is None:
+        return None
+    return conn.execute(
+        select(embeddings.c.vector, embeddings.c.dim)
+        .select_from(items.join(embeddings, embeddings.c.image_sha256 == items.c.image_sha256))
+        .where(
+            items.c.id == item_id,
+            items.c.deleted_at.is_(None),
+            embeddings.c.model_version == model_version,
+        )
+    ).first()
+
+
+def hits_metadata(conn: Connection, item_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Row]:
+    """Metadata of search hits in one query; deleted items are left out."""
+    if not item_ids:
+        return {}
+    rows = conn.execute(
+        select(
+            items.c.id,
+            items.c.sku,
+            items.c.title,
+            items.c.category,
+            items.c.price,
+            items.c.image_key,
+            items.c.image_sha256,
+        ).where(items.c.id.in_(list(item_ids)), items.c.deleted_at.is_(None))
+    )
+    return {row.id: row for row in rows}
+
+
+def count_searchable(conn: Connection, model_version: str | None) -> int:
+    if model_version is None:
+        return 0
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(items.join(embeddings, embeddings.c.image_sha256 == items.c.image_sha256))
+            .where(items.c.deleted_at.is_(None), embeddings.c.model_version == model_version)
+        ).scalar_one()
+    )
+
+
+def _searchable(model_version: str, dim: int) -> Any:
+    return (
+        items.join(embeddings, embeddings.c.image_sha256 == items.c.image_sha256),
+        and_(
+            items.c.deleted_at.is_(None),
+            embeddings.c.model_version == model_version,
+            embeddings.c.dim == dim,
+        ),
+    )
+
+
+def count_build_rows(conn: Connection, model_version: str, dim: int) -> int:
+    source, where = _searchable(model_version, dim)
+    return int(conn.execute(select(func.count()).select_from(source).where(where)).scalar_one())
+
+
+def build_rows(conn: Connection, model_version: str, dim: int) -> Any:
+    """Live items with an embedding of `model_version`, streamed (for index builds)."""
+    source, where = _searchable(model_version, dim)
+    return conn.execution_options(stream_results=True, yield_per=2000).execute(
+        select(items.c.id, items.c.category, items.c.price, embeddings.c.vector)
+        .select_from(source)
+        .where(where)
+        .order_by(items.c.id)
+    )
+
+
+def settled_change_seq(conn: Connection, settle_s: float) -> tuple[int, int]:
+    """(settled, newest) change_seq in this snapshot.
+
+    `settled` only counts rows changed at least `settle_s` ago: a sequence value is taken when a
+    writer's statement runs but becomes visible at its commit, so a newer value can be visible
+    while an older one is still in flight. Readers re-check everything above `settled`.
+    """
+    row = conn.execute(
+        select(
+            func.coalesce(
+                func.max(items.c.change_seq).filter(
+                    items.c.updated_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, settle_s)
+                ),
+                0,
+            ).label("settled"),
+            func.coalesce(func.max(items.c.change_seq), 0).label("newest"),
+        )
+    ).one()
+    return int(row.settled), int(row.newest)
+
+
+def changes_since(conn: Connection, seq: int, settle_s: float) -> list[Row]:
+    """(id, change_seq, settled) of items changed after `seq`: the cheap per-search delta probe."""
+    settled = items.c.updated_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, settle_s)
+    return list(
+        conn.execute(
+            select(items.c.id, items.c.change_seq, settled.label("settled"))
+            .where(items.c.change_seq > seq)
+            .order_by(items.c.change_seq)
+        )
+    )
+
+
+def delta_rows(
+    conn: Connection, item_ids: Iterable[uuid.UUID], model_version: str | None
+) -> list[Row]:
+    """Current state of changed items, with the vector of `model_version` when there is one."""
+    ids = list(item_ids)
+    if not ids:
+        return []
+    join_on = (
+        and_(
+            embeddings.c.image_sha256 == items.c.image_sha256,
+            embeddings.c.model_version == model_version,
+        )
+        if model_version is not None
+        else false()
+    )
+    return list(
+        conn.execute(
+            select(
+                items.c.id,
+                items.c.change_seq,
+                items.c.deleted_at,
+                items.c.category,
+                items.c.price,
+                embeddings.c.vector,
+            )
+            .select_from(items.outerjoin(embeddings, join_on))
+            .where(items.c.id.in_(ids))
+        )
+    )
+
+
+# ---- embeddings ------------------------------------------------------------------------------
+
+
+def upsert_embeddings(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Store vectors keyed by (image sha, model version); the same image is stored once."""
+    if not rows:
+        return
+    stmt = insert(embeddings).values([{**row, "created_at": func.now()} for row in rows])
+    conn.execute(stmt.on_conflict_do_nothing(index_elements=["image_sha256", "model_version"]))
+
+
+def mark_indexed(conn: Connection, item_id: uuid.UUID, image_sha256: str) -> bool:
+    """Mark an item indexed if its *current* image is the embedded one; bumps change_seq."""
+    result = conn.execute(
+        update(items)
+        .where(items.c.id == item_id, items.c.image_sha256 == image_sha256)
+        .values(
+            status="indexed",
+            error=None,
+            change_seq=change_seq.next_value(),
+            updated_at=func.now(),
+        )
+    )
+    return result.rowcount > 0
+
+
+def mark_failed(conn: Connection, item_id: uuid.UUID, error: str) -> bool:
+    # Only a pending item fails: an indexed one already has a vector for its current image.
+    result = conn.execute(
+        update(items)
+        .where(items.c.id == item_id, items.c.status == "pending")
+        .values(status="failed", error=error[:2000], updated_at=func.now())
+    )
+    return result.rowcount > 0
+
+
+# ---- jobs ------------------------------------------------------------------------------------
+
+
+def create_job(conn: Connection, kind: str) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    conn.execute(
+        jobs.insert().values(id=job_id, kind=kind, created_at=func.now(), updated_at=func.now())
+    )
+    return job_id
+
+
+def job_exists(conn: Connection, job_id: uuid.UUID) -> bool:
+    return bool(conn.execute(select(exists().where(jobs.c.id == job_id))).scalar_one())
+
+
+def add_job_item(conn: Connection, job_id: uuid.UUID, item_id: uuid.UUID, status: str) -> None:
+    """Attach an item to a job; re-uploading the same sku in a job restarts its entry."""
+    stmt = insert(job_items).values(job_id=job_id, item_id=item_id, status=status, error=None)
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["job_id", "item_id"],
+            set_={"status": stmt.excluded.status, "error": None},
+        )
+    )
+    touch_job(conn, job_id)
+
+
+def touch_job(conn: Connection, job_id: uuid.UUID) -> None:
+    conn.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=func.now()))
+
+
+def finish_job_item(
+    conn: Connection, job_id: uuid.UUID | None, item_id: uuid.UUID, status: str, error: str | None
+) -> list[uuid.UUID]:
+    """Move queued entries to done/failed (never back): a redelivered task changes nothing.
+
+    Without a job id every queued entry of the item is finished. Returns the touched job ids.
+    """
+    conditions = [job_items.c.item_id == item_id, job_items.c.status == "queued"]
+    if job_id is not None:
+        conditions.append(job_items.c.job_id == job_id)
+    touched = [
+        row.job_id
+        for row in conn.execute(
+            update(job_items)
+            .where(*conditions)
+            .values(status=status, error=error[:2000] if error else None)
+            .returning(job_items.c.job_id)
+        )
+    ]
+    for touched_id in set(touched):
+        touch_job(conn, touched_id)
+    return touched
+
+
+def job_summary(conn: Connection, job_id: uuid.UUID) -> dict[str, Any] | None:
+    """Job status and counts, derived from its entries (no counters to drift)."""
+    job = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+    if job is None:
+        return None
+    counts = conn.execute(
+        select(
+            func.count().label("total"),
+            func.count().filter(job_items.c.status == "done").label("done"),
+            func.count().filter(job_items.c.status == "failed").label("failed"),
+        ).where(job_items.c.job_id == job_id)
+    ).one()
+    errors = conn.execute(
+        select(job_items.c.item_id, items.c.sku, job_items.c.error)
+        .select_from(job_items.join(items, items.c.id == job_items.c.item_id))
+        .where(job_items.c.job_id == job_id, job_items.c.status == "failed")
+        .order_by(items.c.sku)
+        .limit(MAX_JOB_ERRORS)
+    )
+    total, done, failed = int(counts.total), int(counts.done), int(counts.failed)
+    return {
+        "job_id": str(job.id),
+        "kind": job.kind,
+        "status": job_status(total, done, failed),
+        "total": total,
+        "done": done,
+        "failed": failed,
+        "errors": [
+            {"item_id": str(e.item_id), "sku": e.sku, "error": e.error or "failed"} for e in errors
+        ],
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+    }
+
+
+def job_status(total: int, done: int, failed: int) -> str:
+    terminal = done + failed
+    if total == 0:
+        return "completed"
+    if terminal == 0:
+        return "queued"
+    if terminal < total:
+        return "running"
+    return "failed" if done == 0 else "completed"
+
+
+def acquire_build_lock(conn: Connection) -> None:
+    """Session advisory lock that serialises index builds across worker processes."""
+    conn.execute(text("SELECT pg_advisory_lock(7423002)"))
+
+
+def release_build_lock(conn: Connection) -> None:
+    conn.execute(text("SELECT pg_advisory_unlock(7423002)"))

@@ -1,0 +1,318 @@
+"""The ingest client against a small stand-in of the gateway's /v1 jobs and items API.
+
+The stand-in is a real FastAPI app under uvicorn on loopback, so multipart encoding, problem+json
+bodies, retries and polling all go over HTTP. Rows steer it by SKU prefix: BAD… is refused with a
+422 problem, FAIL… fails during "embedding", FLAKY… gets two 503s first, DOWN… always 503s,
+STUCK… never finishes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import pytest
+import uvicorn
+from fashionrec_cli.infra import free_port
+from fashionrec_cli.ingest import IngestError, RetryPolicy, ingest, print_summary
+from fashionrec_shared.problems import ProblemError, install_problem_handlers
+from fashionrec_shared.schemas import ItemMetadata, JobCreate
+from fastapi import FastAPI, File, Form, Header, UploadFile
+from PIL import Image
+from pydantic import ValidationError
+from rich.console import Console
+
+FAST_RETRY = RetryPolicy(attempts=3, initial_wait_s=0.01, max_wait_s=0.02)
+
+
+@dataclass
+class StandIn:
+    url: str = ""
+    api_key: str | None = None
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    uploads: list[dict[str, Any]] = field(default_factory=list)
+    attempts: dict[str, int] = field(default_factory=dict)
+    inflight: int = 0
+    max_inflight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _job_out(job: dict[str, Any]) -> dict[str, Any]:
+    # Each poll "embeds" one more pending item, so the client has to poll several times.
+    if job["pending"]:
+        item_id, sku = job["pending"].pop(0)
+        if sku.startswith("STUCK"):
+            job["pending"].append((item_id, sku))
+        elif sku.startswith("FAIL"):
+            job["failed"] += 1
+            job["errors"].append({"item_id": item_id, "error": "image could not be decoded"})
+        else:
+            job["done"] += 1
+    finished = job["done"] + job["failed"] == job["total"]
+    return {
+        "job_id": job["job_id"],
+        "kind": job["kind"],
+        "status": "completed" if finished else "running",
+        "total": job["total"],
+        "done": job["done"],
+        "failed": job["failed"],
+        "errors": job["errors"],
+    }
+
+
+def make_app(state: StandIn) -> FastAPI:
+    app = FastAPI()
+    install_problem_handlers(app)
+
+    def check_key(key: str | None) -> None:
+        if state.api_key and key != state.api_key:
+            raise ProblemError(401, "Unauthorized", "missing or wrong X-API-Key")
+
+    @app.post("/v1/jobs", status_code=201)
+    def open_job(
+        body: JobCreate, x_api_key: Annotated[str | None, Header()] = None
+    ) -> dict[str, Any]:
+        check_key(x_api_key)
+        job_id = str(uuid.uuid4())
+        state.jobs[job_id] = {
+            "job_id": job_id,
+            "kind": body.kind,
+            "total": 0,
+            "done": 0,
+            "failed": 0,
+            "errors": [],
+            "pending": [],
+        }
+        return _job_out(state.jobs[job_id])
+
+    @app.post("/v1/items", status_code=202)
+    def add_item(
+        image: Annotated[UploadFile, File()],
+        metadata: Annotated[str, Form()],
+        job_id: str,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> dict[str, str]:
+        check_key(x_api_key)
+        with state.lock:
+            state.inflight += 1
+            state.max_inflight = max(state.max_inflight, state.inflight)
+        try:
+            time.sleep(0.02)
+            try:
+                meta = ItemMetadata.model_validate_json(metadata)
+            except ValidationError as exc:
+                raise ProblemError(422, "Unprocessable Content", str(exc)) from exc
+            with state.lock:
+                state.attempts[meta.sku] = state.attempts.get(meta.sku, 0) + 1
+                attempt = state.attempts[meta.sku]
+            if meta.sku.startswith("DOWN") or (meta.sku.startswith("FLAKY") and attempt <= 2):
+                raise ProblemError(503, "Service Unavailable", "no embedder is alive")
+            if meta.sku.startswith("BAD"):
+                raise ProblemError(
+                    422, "Unprocessable Content", f"image for {meta.sku} is not a valid picture"
+                )
+            data = image.file.read()
+            Image.open(io.BytesIO(data)).verify()
+            item_id = str(uuid.uuid4())
+            with state.lock:
+                state.uploads.append(
+                    {"meta": meta, "content_type": image.content_type, "size": len(data)}
+                )
+                job = state.jobs[job_id]
+                job["total"] += 1
+                job["pending"].append((item_id, meta.sku))
+            return {"item_id": item_id, "job_id": job_id}
+        finally:
+            with state.lock:
+                state.inflight -= 1
+
+    @app.get("/v1/jobs/{job_id}")
+    def get_job(job_id: str) -> dict[str, Any]:
+        if job_id not in state.jobs:
+            raise ProblemError(404, "Not Found", f"no job {job_id}")
+        with state.lock:
+            return _job_out(state.jobs[job_id])
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[StandIn]:
+    state = StandIn()
+    port = free_port()
+    config = uvicorn.Config(make_app(state), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert time.monotonic() < deadline, "stand-in gateway did not start"
+        time.sleep(0.02)
+    state.url = f"http://127.0.0.1:{port}"
+    yield state
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def gateway(server: StandIn) -> StandIn:
+    server.api_key = None
+    server.uploads.clear()
+    server.attempts.clear()
+    server.max_inflight = 0
+    return server
+
+
+def write_catalogue(folder: Path, skus: list[str], missing: tuple[str, ...] = ()) -> Path:
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    lines = ["sku,title,category,price,image,colour"]
+    for i, sku in enumerate(skus):
+        if sku not in missing:
+            Image.new("RGB", (16, 16), (i * 20 % 255, 80, 160)).save(images / f"{sku}.jpg")
+        lines.append(f"{sku},Item {sku},shirt,{10 + i}.5,{sku}.jpg,blue")
+    path = folder / "catalog.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_ingest_reports_uploads_rejections_and_job_results(
+    gateway: StandIn, tmp_path: Path
+) -> None:
+    skus = ["OK1", "OK2", "BAD1", "OK3", "FAIL1", "FLAKY1", "GONE1", "OK4"]
+    path = write_catalogue(tmp_path, skus, missing=("GONE1",))
+
+    summary = ingest(
+        path,
+        tmp_path / "images",
+        gateway.url,
+        concurrency=2,
+        poll_interval_s=0.01,
+        retry=FAST_RETRY,
+        progress=False,
+    )
+
+    assert summary.job_id in gateway.jobs
+    assert summary.total_rows == 8
+    assert summary.uploaded == 6
+    assert set(summary.item_ids) == {"OK1", "OK2", "OK3", "OK4", "FAIL1", "FLAKY1"}
+    assert summary.waited and not summary.timed_out
+    assert (summary.done, summary.failed, summary.pending) == (5, 1, 0)
+    assert summary.failures[0].sku == "FAIL1"  # filled in from the upload's item_id
+    assert summary.failures[0].reason == "image could not be decoded"
+    assert not summary.ok and summary.elapsed_s > 0
+
+    by_sku = {r.sku: r for r in summary.rejected}
+    assert set(by_sku) == {"BAD1", "GONE1"}
+    assert by_sku["BAD1"].status == 422 and by_sku["BAD1"].source == "gateway"
+    assert by_sku["BAD1"].reason == "image for BAD1 is not a valid picture"  # problem detail
+    assert by_sku["BAD1"].line == 4
+    assert by_sku["GONE1"].source == "catalogue" and by_sku["GONE1"].line == 8
+    assert "image file not found" in by_sku["GONE1"].reason
+
+    assert gateway.attempts["FLAKY1"] == 3  # two 503s, then accepted
+    assert gateway.attempts["BAD1"] == 1  # a 422 is never retried
+    assert gateway.max_inflight <= 2
+    sent = {u["meta"].sku: u for u in gateway.uploads}
+    assert sent["OK1"]["content_type"] == "image/jpeg" and sent["OK1"]["size"] > 0
+    meta = sent["OK2"]["meta"]
+    assert (meta.title, meta.category, meta.price) == ("Item OK2", "shirt", 11.5)
+    assert meta.attributes == {"colour": "blue"}
+
+
+def test_persistent_503_becomes_a_rejection(gateway: StandIn, tmp_path: Path) -> None:
+    path = write_catalogue(tmp_path, ["DOWN1", "OK1"])
+    summary = ingest(
+        path, tmp_path / "images", gateway.url, retry=FAST_RETRY, progress=False, wait=False
+    )
+    assert gateway.attempts["DOWN1"] == FAST_RETRY.attempts
+    assert [(r.sku, r.status, r.reason) for r in summary.rejected] == [
+        ("DOWN1", 503, "no embedder is alive")
+    ]
+    assert summary.uploaded == 1 and not summary.waited and summary.done == 0
+
+
+def test_wait_times_out_with_counts_so_far(gateway: StandIn, tmp_path: Path) -> None:
+    path = write_catalogue(tmp_path, ["OK1", "STUCK1"])
+    summary = ingest(
+        path,
+        tmp_path / "images",
+        gateway.url,
+        timeout_s=0.3,
+        poll_interval_s=0.02,
+        retry=FAST_RETRY,
+        progress=False,
+    )
+    assert summary.timed_out and summary.done == 1 and summary.pending == 1
+    assert not summary.ok
+
+
+def test_api_key_is_sent_and_a_refusal_is_an_error(gateway: StandIn, tmp_path: Path) -> None:
+    gateway.api_key = "s3cret"
+    path = write_catalogue(tmp_path, ["OK1"])
+    with pytest.raises(IngestError, match=r"HTTP 401.*missing or wrong X-API-Key"):
+        ingest(path, tmp_path / "images", gateway.url, retry=FAST_RETRY, progress=False)
+    summary = ingest(
+        path,
+        tmp_path / "images",
+        gateway.url,
+        api_key="s3cret",
+        poll_interval_s=0.01,
+        retry=FAST_RETRY,
+        progress=False,
+    )
+    assert summary.ok and summary.done == 1
+
+
+def test_unreachable_gateway_is_an_error(tmp_path: Path) -> None:
+    path = write_catalogue(tmp_path, ["OK1"])
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(IngestError, match="cannot reach the gateway"):
+        ingest(path, tmp_path / "images", url, retry=FAST_RETRY, progress=False)
+
+
+def test_bad_catalogue_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "cat.csv").write_text("title\nx\n")
+    with pytest.raises(IngestError, match="lacks column"):
+        ingest(tmp_path / "cat.csv", tmp_path, "http://127.0.0.1:9", progress=False)
+
+
+def test_progress_bars_and_summary_render(gateway: StandIn, tmp_path: Path) -> None:
+    path = write_catalogue(tmp_path, ["OK1", "BAD1", "FAIL1"])
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=False)
+    summary = ingest(
+        path,
+        tmp_path / "images",
+        gateway.url,
+        poll_interval_s=0.01,
+        retry=FAST_RETRY,
+        console=console,
+    )
+    print_summary(summary, console=console)
+    text = out.getvalue()
+    for expected in (
+        "uploading",
+        "embedding",
+        "ingest summary",
+        str(summary.job_id),
+        "rejected rows",
+        "image for BAD1 is not a valid picture",
+        "failed items",
+        "image could not be decoded",
+    ):
+        assert expected in text, expected
+
+
+def test_empty_catalogue_opens_a_job_and_does_not_wait(gateway: StandIn, tmp_path: Path) -> None:
+    (tmp_path / "cat.jsonl").write_text(json.dumps({"sku": "", "image": "x.jpg"}) + "\n")
+    summary = ingest(tmp_path / "cat.jsonl", tmp_path, gateway.url, progress=False)
+    assert summary.uploaded == 0 and not summary.waited
+    assert [(r.line, r.reason) for r in summary.rejected] == [(1, "missing sku")]

@@ -1,0 +1,284 @@
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+from fashionrec_embedder import worker
+from fashionrec_embedder.model import Embedder
+from fashionrec_embedder.preprocess import decode_image
+from fashionrec_embedder.worker import (
+    TRANSIENT_ERRORS,
+    Heartbeat,
+    ImageMismatch,
+    PoisonMessage,
+    WorkerContext,
+    create_celery,
+    embed_items,
+    embed_query,
+)
+from fashionrec_shared.celery_app import MAX_DELIVERIES
+from fashionrec_shared.storage import (
+    BlobNotFound,
+    LocalBlobStore,
+    StorageUnavailable,
+    content_key,
+)
+from fashionrec_shared.tasks import EmbedQueryResult, StoreEmbeddings, TaskName
+from fashionrec_shared.vectors import decode_vector
+
+from .conftest import encode, pattern_image, small_settings
+
+
+@pytest.fixture
+def context(tmp_path: Path, redis_url: str, random_model: Embedder) -> WorkerContext:
+    settings = small_settings(
+        tmp_path,
+        broker={"url": redis_url},
+        storage={"backend": "local", "local_dir": tmp_path / "blobs"},
+    )
+    client = redis.Redis.from_url(redis_url)
+    ctx = WorkerContext(
+        settings=settings,
+        store=LocalBlobStore(settings.storage.local_dir),
+        redis=client,
+        model=random_model,
+    )
+    yield ctx
+    client.close()
+
+
+def _put(ctx: WorkerContext, data: bytes, prefix: str = "inventory", ext: str = "jpg") -> dict:
+    key, digest = content_key(prefix, data, ext)
+    ctx.store.put(key, data)
+    return {"key": key, "sha256": digest}
+
+
+def _missing_ref() -> dict:
+    return {"key": "inventory/" + "0" * 64 + ".jpg", "sha256": "0" * 64}
+
+
+class Collector(list):
+    def __call__(self, result: StoreEmbeddings) -> None:
+        self.append(result)
+
+
+def test_embed_query_returns_a_unit_vector_with_timings(context: WorkerContext) -> None:
+    data = encode(pattern_image(120, 100), "JPEG", quality=90)
+    ref = _put(context, data, "uploads")
+    result = EmbedQueryResult.model_validate(embed_query(context, {"image": ref}, task_id="q1"))
+    assert result.dim == 2048 and result.model_version == "resnet50-random-s7-px64"
+    vector = decode_vector(result.vector, 2048)
+    assert abs(np.linalg.norm(vector) - 1) < 1e-5
+    assert set(result.timings_ms) == {"fetch", "decode", "infer"}
+    expected = context.model.embed([decode_image(data, draft_size=64)])[0]
+    np.testing.assert_allclose(vector, expected, atol=1e-6)
+
+
+def test_embed_query_errors(context: WorkerContext) -> None:
+    with pytest.raises(BlobNotFound):
+        embed_query(context, {"image": _missing_ref()})
+    ref = _put(context, b"not an image at all", "uploads")
+    with pytest.raises(ValueError, match="cannot decode"):
+        embed_query(context, {"image": ref})
+    context.store.put(ref["key"], encode(pattern_image()))  # bytes no longer match the sha
+    with pytest.raises(ImageMismatch):
+        embed_query(context, {"image": ref})
+
+
+def test_embed_items_embeds_good_images_and_reports_failures(context: WorkerContext) -> None:
+    good = [encode(pattern_image(seed=i), "JPEG", quality=90) for i in range(5)]
+    items = [{"item_id": f"good-{i}", "image": _put(context, d)} for i, d in enumerate(good)]
+    items.insert(2, {"item_id": "missing", "image": _missing_ref()})
+    items.append({"item_id": "garbage", "image": _put(context, b"\x89PNG garbage", ext="png")})
+    sent = Collector()
+
+    summary = embed_items(
+        context, {"job_id": "job-1", "items": items}, store_results=sent, task_id="t-items"
+    )
+
+    assert summary["embedded"] == 5 and summary["failed"] == 2 and not summary["poison"]
+    assert len(sent) == 1
+    message = sent[0]
+    assert message.job_id == "job-1" and message.dim == 2048
+    assert message.model_version == context.model.model_version
+    assert [e.item_id for e in message.embeddings] == [f"good-{i}" for i in range(5)]
+    failures = {f.item_id: f.error for f in message.failures}
+    assert "not found" in failures["missing"]
+    assert "cannot decode" in failures["garbage"]
+    # Inventory and query images go through the same code: same image, same vector.
+    query = embed_query(context, {"image": items[0]["image"]})
+    np.testing.assert_allclose(
+        decode_vector(message.embeddings[0].vector), decode_vector(query["vector"]), atol=1e-5
+    )
+    assert message.embeddings[0].image_sha256 == items[0]["image"]["sha256"]
+
+
+def test_poison_guard_stops_after_max_deliveries(context: WorkerContext) -> None:
+    items = [{"item_id": "a", "image": _missing_ref()}, {"item_id": "b", "image": _missing_ref()}]
+    sent = Collector()
+    for _ in range(MAX_DELIVERIES):
+        summary = embed_items(context, {"items": items}, store_results=sent, task_id="t-poison")
+        assert not summary["poison"]
+    summary = embed_items(context, {"items": items}, store_results=sent, task_id="t-poison")
+    assert summary["poison"] and summary["failed"] == 2
+    expected = f"poison message: gave up after {MAX_DELIVERIES + 1} deliveries"
+    assert [f.error for f in sent[-1].failures] == [expected, expected]
+    assert sent[-1].embeddings == []
+
+    context.redis.set("fashionrec:deliveries:q-poison", MAX_DELIVERIES)
+    with pytest.raises(PoisonMessage):
+        embed_query(context, {"image": _missing_ref()}, task_id="q-poison")
+
+
+def test_retries_are_not_counted_as_redeliveries(context: WorkerContext) -> None:
+    context.redis.set("fashionrec:deliveries:t-retry", MAX_DELIVERIES)
+    items = [{"item_id": "a", "image": _missing_ref()}]
+    summary = embed_items(
+        context, {"items": items}, store_results=Collector(), task_id="t-retry", retries=1
+    )
+    assert not summary["poison"]
+
+
+def test_soft_time_limit_reports_unfinished_items(
+    context: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context.settings = context.settings.model_copy(update={"batch_size": 2})
+    items = [
+        {"item_id": f"i{i}", "image": _put(context, encode(pattern_image(seed=i)), ext="png")}
+        for i in range(5)
+    ]
+    real_embed = context.model.embed
+    calls: list[int] = []
+
+    def embed_then_time_out(batch: list) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise SoftTimeLimitExceeded()
+        return real_embed(batch)
+
+    monkeypatch.setattr(context.model, "embed", embed_then_time_out)
+    sent = Collector()
+    summary = embed_items(context, {"items": items}, store_results=sent, task_id="t-slow")
+    assert summary["embedded"] == 2 and summary["failed"] == 3
+    assert [e.item_id for e in sent[0].embeddings] == ["i0", "i1"]
+    assert [f.item_id for f in sent[0].failures] == ["i2", "i3", "i4"]
+    assert all("timed out" in f.error for f in sent[0].failures)
+
+
+def test_transient_storage_errors_propagate_for_retry(context: WorkerContext) -> None:
+    class DownStore(LocalBlobStore):
+        def get(self, key: str) -> bytes:
+            raise StorageUnavailable("S3 endpoint unreachable")
+
+    context.store = DownStore(context.settings.storage.local_dir)
+    sent = Collector()
+    with pytest.raises(StorageUnavailable):
+        embed_items(
+            context,
+            {"items": [{"item_id": "a", "image": _missing_ref()}]},
+            store_results=sent,
+            task_id="t-down",
+        )
+    assert sent == []
+
+
+def test_task_policy(context: WorkerContext) -> None:
+    app = create_celery(context.settings)
+    for name in (TaskName.EMBED_QUERY, TaskName.EMBED_ITEMS):
+        task = app.tasks[str(name)]
+        assert task.autoretry_for == TRANSIENT_ERRORS
+        assert Exception not in task.autoretry_for
+        assert task.max_retries == 3 and task.retry_backoff is True
+        assert task.acks_late and task.reject_on_worker_lost
+        assert task.soft_time_limit and task.time_limit
+    assert app.conf.task_routes[str(TaskName.EMBED_ITEMS)] == {"queue": "embed"}
+
+
+def _pop_task(client: redis.Redis, queue: str) -> tuple[dict[str, Any], list]:
+    raw = client.rpop(queue)
+    assert raw is not None, f"no message on queue {queue!r}"
+    message = json.loads(raw)
+    body = json.loads(base64.b64decode(message["body"]))
+    return message["headers"], body
+
+
+def test_celery_tasks_run_end_to_end_and_send_store_embeddings(context: WorkerContext) -> None:
+    app = create_celery(context.settings)
+    worker.set_context(context)
+    try:
+        ref = _put(context, encode(pattern_image(), "JPEG"))
+        payload = {"job_id": "j", "items": [{"item_id": "x", "image": ref}]}
+        result = app.tasks[str(TaskName.EMBED_ITEMS)].apply(args=[payload], task_id="e2e-1")
+        assert result.successful(), result.traceback
+        assert result.get()["embedded"] == 1
+
+        headers, (args, _kwargs, _embed) = _pop_task(context.redis, "index")
+        assert headers["task"] == str(TaskName.STORE_EMBEDDINGS)
+        stored = StoreEmbeddings.model_validate(args[0])
+        assert [e.item_id for e in stored.embeddings] == ["x"] and stored.failures == []
+
+        query = app.tasks[str(TaskName.EMBED_QUERY)].apply(args=[{"image": ref}], task_id="q")
+        assert query.successful(), query.traceback
+        np.testing.assert_allclose(
+            decode_vector(query.get()["vector"]), decode_vector(stored.embeddings[0].vector), 1e-5
+        )
+        assert context.redis.get("fashionrec:deliveries:e2e-1") == b"1"
+    finally:
+        worker.set_context(None)
+
+
+def test_heartbeat_writes_the_alive_key_with_ttl(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    info = {"model_version": "resnet50-random-s1", "dim": 2048, "device": "cpu"}
+    beat = Heartbeat(client, info, interval_s=0.05)
+    assert beat.key.startswith("fashionrec:embedder:alive:")
+    hostname, pid = beat.key.rsplit(":", 2)[1:]
+    assert hostname and int(pid) > 0
+    beat.start()
+    try:
+        deadline = time.monotonic() + 5
+        while client.get(beat.key) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert json.loads(client.get(beat.key)) == info
+        assert 0 < client.ttl(beat.key) <= 30
+        client.expire(beat.key, 1)
+        time.sleep(0.2)
+        assert client.ttl(beat.key) > 1  # refreshed by the thread
+    finally:
+        beat.stop()
+    assert client.get(beat.key) is None
+    client.close()
+
+
+def test_worker_process_init_loads_the_model_and_announces_it(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FASHIONREC_EMBEDDER_WEIGHTS", "random:3")
+    monkeypatch.setenv("FASHIONREC_EMBEDDER_DEVICE", "cpu")
+    monkeypatch.setenv("FASHIONREC_EMBEDDER_IMAGE_SIZE", "64")
+    monkeypatch.setenv("FASHIONREC_EMBEDDER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASHIONREC_BROKER_URL", redis_url)
+    monkeypatch.setenv("FASHIONREC_STORAGE_BACKEND", "local")
+    monkeypatch.setenv("FASHIONREC_STORAGE_LOCAL_DIR", str(tmp_path / "blobs"))
+    worker.set_context(None)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        worker._init_worker_process()
+        context = worker.get_context()
+        assert context.model.loaded
+        assert context.heartbeat is not None
+        alive = json.loads(client.get(context.heartbeat.key))
+        assert alive == {"model_version": "resnet50-random-s3-px64", "dim": 2048, "device": "cpu"}
+        key = context.heartbeat.key
+    finally:
+        worker._shutdown_worker_process()
+    assert client.get(key) is None
+    assert worker._context is None
+    client.close()

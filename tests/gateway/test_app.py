@@ -1,0 +1,56 @@
+"""The app as a whole: no torch, OpenAPI with documented errors, the demo page."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.gateway.conftest import Gateway
+
+
+def test_gateway_imports_without_torch() -> None:
+    code = (
+        "import sys\n"
+        "import fashionrec_gateway.app, fashionrec_gateway.__main__\n"
+        "fashionrec_gateway.app.create_app()\n"
+        "heavy = {'torch', 'torchvision', 'fashionrec_embedder', 'fashionrec_indexer', 'annoy'}\n"
+        "loaded = heavy & {m.split('.')[0] for m in sys.modules}\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_openapi_documents_the_public_api(gateway: Gateway) -> None:
+    spec = gateway.client.get("/openapi.json").json()
+    paths = spec["paths"]
+    assert set(paths) >= {
+        "/v1/search",
+        "/v1/items",
+        "/v1/items/{item_id}",
+        "/v1/items/{item_id}/similar",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/images/inventory/{name}",
+        "/livez",
+        "/readyz",
+    }
+    search = paths["/v1/search"]["post"]
+    assert {"413", "415", "422", "504"} <= set(search["responses"])
+    assert "application/problem+json" in search["responses"]["504"]["content"]
+    assert "SearchResponse" in str(search["responses"]["200"])
+    assert paths["/v1/items"]["post"]["responses"].keys() >= {"202", "401"}
+    assert gateway.client.get("/docs").status_code == 200
+
+
+def test_demo_page(gateway: Gateway) -> None:
+    response = gateway.client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "/v1/search" in response.text
+
+
+def test_unknown_route_is_a_problem(gateway: Gateway) -> None:
+    response = gateway.client.get("/nope")
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("application/problem+json")

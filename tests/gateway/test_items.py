@@ -1,0 +1,192 @@
+"""Items: add (validated before anything is stored), read, delete, similar."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from fashionrec_shared.storage import content_key
+
+from tests.gateway.conftest import Gateway
+from tests.gateway.images import TEXT, jpeg, noisy_png, png_announcing, truncated_jpeg
+from tests.gateway.test_search import assert_problem
+
+UNKNOWN = "00000000-0000-0000-0000-000000000000"
+
+
+def add(gw: Gateway, data: bytes, metadata: Any, **params: Any) -> httpx.Response:
+    raw = metadata if isinstance(metadata, str) else json.dumps(metadata)
+    return gw.client.post(
+        "/v1/items",
+        params=params,
+        files={"image": ("x.jpg", data, "image/jpeg")},
+        data={"metadata": raw},
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [(TEXT, 415), (b"", 422), (truncated_jpeg(), 422), (png_announcing(100_000, 100_000), 413)],
+    ids=["text", "empty", "truncated", "bomb"],
+)
+def test_bad_images_store_nothing(gateway: Gateway, data: bytes, status: int) -> None:
+    assert_problem(add(gateway, data, {"sku": "a"}), status)
+    assert gateway.stored() == set()
+    assert gateway.indexer.calls_to("POST", "/items") == []
+    assert gateway.client.get("/livez").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"title": "no sku"}, "sku"),
+        ("{not json", "not valid JSON"),
+        ({"sku": "x", "price": -3}, "price"),
+        ({"sku": "x", "colour": "red"}, "colour"),
+        ("[1, 2]", "JSON object"),
+        ({"sku": ""}, "sku"),
+    ],
+    ids=["missing sku", "invalid json", "negative price", "unknown field", "array", "empty sku"],
+)
+def test_bad_metadata_stores_nothing(gateway: Gateway, metadata: Any, expected: str) -> None:
+    body = assert_problem(add(gateway, jpeg(), metadata), 422)
+    assert expected in body["detail"]
+    assert gateway.stored() == set()
+    assert gateway.indexer.calls_to("POST", "/items") == []
+
+
+def test_missing_metadata_field(gateway: Gateway) -> None:
+    response = gateway.client.post("/v1/items", files={"image": ("x.jpg", jpeg(), "image/jpeg")})
+    assert "metadata" in assert_problem(response, 422)["detail"]
+    assert gateway.stored() == set()
+
+
+def test_chunked_upload_over_the_limit(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(max_upload_bytes=1000)
+    boundary = "b0undary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+
+    def body():  # type: ignore[no-untyped-def]  # no Content-Length: sent chunked
+        yield head
+        for _ in range(40):
+            yield b"\x00" * 10_000
+
+    response = gw.client.post(
+        "/v1/items",
+        content=body(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert_problem(response, 413)
+    assert gw.stored() == set()
+
+
+def test_add_item(gateway: Gateway) -> None:
+    data = noisy_png()
+    meta = {"sku": " sku-1 ", "title": "Red shirt", "category": "tops", "price": 19.5}
+    response = add(gateway, data, meta)
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    key, sha = content_key("inventory", data, "png")
+    assert gateway.stored() == {key}
+    [call] = gateway.indexer.calls_to("POST", "/items")
+    assert call["image"] == {"key": key, "sha256": sha}
+    assert call["metadata"]["sku"] == "sku-1"
+    assert call["job_id"] is None
+
+    item = gateway.client.get(f"/v1/items/{accepted['item_id']}")
+    assert item.status_code == 200
+    body = item.json()
+    assert body["sku"] == "sku-1"
+    assert body["status"] == "pending"
+    assert body["image_url"] == f"http://testserver/v1/images/{key}"
+    assert gateway.client.get(body["image_url"]).content == data
+
+    # Same sku again: the indexer replaces the item; the gateway just forwards.
+    again = add(gateway, jpeg(), {"sku": "sku-1"})
+    assert again.json()["item_id"] == accepted["item_id"]
+
+
+def test_add_item_to_a_job(gateway: Gateway) -> None:
+    job = gateway.client.post("/v1/jobs", json={"kind": "ingest"})
+    assert job.status_code == 201
+    job_id = job.json()["job_id"]
+    response = add(gateway, jpeg(), {"sku": "a"}, job_id=job_id)
+    assert response.status_code == 202
+    assert response.json()["job_id"] == job_id
+    assert gateway.indexer.calls_to("POST", "/items")[0]["job_id"] == job_id
+
+
+def test_unknown_job_stores_nothing(gateway: Gateway) -> None:
+    body = assert_problem(add(gateway, jpeg(), {"sku": "a"}, job_id=UNKNOWN), 404)
+    assert "job" in body["detail"]
+    assert gateway.stored() == set()
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", f"/v1/items/{UNKNOWN}"),
+        ("GET", "/v1/items/not-a-uuid"),
+        ("GET", "/v1/items/a.b"),
+        ("GET", f"/v1/items/{UNKNOWN}/similar"),
+        ("DELETE", f"/v1/items/{UNKNOWN}"),
+        ("GET", f"/v1/jobs/{UNKNOWN}"),
+        ("GET", "/v1/jobs/..."),
+    ],
+)
+def test_unknown_things_are_404(gateway: Gateway, method: str, path: str) -> None:
+    assert_problem(gateway.client.request(method, path), 404)
+
+
+def test_delete_then_404(gateway: Gateway) -> None:
+    item_id = add(gateway, jpeg(), {"sku": "a"}).json()["item_id"]
+    response = gateway.client.delete(f"/v1/items/{item_id}")
+    assert response.status_code == 204
+    assert response.content == b""
+    assert_problem(gateway.client.get(f"/v1/items/{item_id}"), 404)
+
+
+def test_similar(gateway: Gateway) -> None:
+    ids = [add(gateway, jpeg((i * 40, 0, 0)), {"sku": f"s{i}"}).json()["item_id"] for i in range(3)]
+    response = gateway.client.get(f"/v1/items/{ids[0]}/similar", params={"k": 5})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["item_id"] for r in results] == ids[1:]
+    assert all(r["image_url"].startswith("http://testserver/v1/images/inventory/") for r in results)
+    assert gateway.embedder.sent == []  # no re-embedding
+    assert_problem(gateway.client.get(f"/v1/items/{ids[0]}/similar", params={"k": 0}), 422)
+
+
+def test_jobs(gateway: Gateway) -> None:
+    created = gateway.client.post("/v1/jobs")  # the body is optional: kind defaults to ingest
+    assert created.status_code == 201
+    job = gateway.client.get(f"/v1/jobs/{created.json()['job_id']}").json()
+    assert job["kind"] == "ingest"
+    assert {"status", "total", "done", "failed", "errors"} <= job.keys()
+    assert_problem(gateway.client.post("/v1/jobs", json={"kind": "Bad Kind"}), 422)
+
+
+def test_api_key(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(api_key="s3cret")
+    image = {"image": ("x.jpg", jpeg(), "image/jpeg")}
+    item_form = {"data": {"metadata": '{"sku": "a"}'}, "files": image}
+    for headers in ({}, {"X-API-Key": "wrong"}):
+        body = assert_problem(gw.client.post("/v1/items", headers=headers, **item_form), 401)
+        assert "X-API-Key" in body["detail"]
+        assert_problem(gw.client.post("/v1/search", headers=headers, files=image), 401)
+        assert_problem(gw.client.post("/v1/jobs", headers=headers), 401)
+        assert_problem(gw.client.delete(f"/v1/items/{UNKNOWN}", headers=headers), 401)
+    assert gw.stored() == set()
+    key = {"X-API-Key": "s3cret"}
+    ok = gw.client.post("/v1/items", headers=key, **item_form)
+    assert ok.status_code == 202
+    item_id = ok.json()["item_id"]
+    assert gw.client.post("/v1/search", headers=key, files=image).status_code == 200
+    # Reads need no key.
+    assert gw.client.get(f"/v1/items/{item_id}").status_code == 200
+    assert gw.client.delete(f"/v1/items/{item_id}", headers=key).status_code == 204

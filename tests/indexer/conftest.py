@@ -1,0 +1,111 @@
+"""Indexer fixtures: a migrated database, an engine, a local blob store and item helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fashionrec_indexer import repository as repo
+from fashionrec_indexer.db import make_engine, migrate
+from fashionrec_indexer.ingest import store_embeddings
+from fashionrec_shared.schemas import ItemMetadata
+from fashionrec_shared.storage import LocalBlobStore
+from fashionrec_shared.tasks import ImageRef, ItemEmbedding, StoreEmbeddings
+from fashionrec_shared.vectors import encode_vector
+from sqlalchemy import Engine
+
+DIM = 16
+MODEL = "test-model-v1"
+
+
+@pytest.fixture
+def migrated_url(database_url: str) -> str:
+    migrate(database_url, timeout_s=10)
+    return database_url
+
+
+@pytest.fixture
+def engine(migrated_url: str) -> Iterator[Engine]:
+    engine = make_engine(migrated_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalBlobStore:
+    return LocalBlobStore(tmp_path / "blobs")
+
+
+def random_vectors(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def image_for(tag: str) -> ImageRef:
+    sha = hashlib.sha256(tag.encode()).hexdigest()
+    return ImageRef(key=f"inventory/{sha}.jpg", sha256=sha)
+
+
+def upsert(
+    engine: Engine,
+    sku: str,
+    image_tag: str | None = None,
+    *,
+    category: str | None = None,
+    price: float | None = None,
+    job_id: uuid.UUID | None = None,
+) -> tuple[uuid.UUID, ImageRef]:
+    image = image_for(image_tag or sku)
+    with engine.begin() as conn:
+        model = repo.active_model_version(conn)
+        result = repo.upsert_item(
+            conn,
+            ItemMetadata(sku=sku, title=f"title {sku}", category=category, price=price),
+            image,
+            model,
+        )
+        if job_id is not None:
+            status = "done" if result.status == "indexed" else "queued"
+            repo.add_job_item(conn, job_id, result.item_id, status)
+    return result.item_id, image
+
+
+def embed(
+    engine: Engine,
+    item_id: uuid.UUID,
+    image: ImageRef,
+    vector: np.ndarray,
+    job_id: uuid.UUID | None = None,
+    model: str = MODEL,
+) -> None:
+    store_embeddings(
+        engine,
+        StoreEmbeddings(
+            job_id=str(job_id) if job_id else None,
+            model_version=model,
+            dim=vector.shape[0],
+            embeddings=[
+                ItemEmbedding(
+                    item_id=str(item_id), image_sha256=image.sha256, vector=encode_vector(vector)
+                )
+            ],
+        ),
+    )
+
+
+def add_item(
+    engine: Engine,
+    sku: str,
+    vector: np.ndarray,
+    *,
+    category: str | None = None,
+    price: float | None = None,
+) -> uuid.UUID:
+    """An item with its embedding stored (indexed)."""
+    item_id, image = upsert(engine, sku, category=category, price=price)
+    embed(engine, item_id, image, vector)
+    return item_id
