@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from fashionrec_cli.infra import free_port
 from fashionrec_cli.synthetic import generate_catalog, make_garment, perturb, write_catalog
 
@@ -82,7 +81,9 @@ def main() -> None:
         with httpx.Client(base_url=url, timeout=60) as client:
             for n, spec in enumerate(queries):
                 buf = io.BytesIO()
-                perturb(make_garment(spec), seed=1000 + n).convert("RGB").save(buf, "JPEG", quality=85)
+                perturb(make_garment(spec), seed=1000 + n).convert("RGB").save(
+                    buf, "JPEG", quality=85
+                )
                 t = time.perf_counter()
                 response = client.post(
                     "/v1/search", params={"k": 5}, files={"image": ("q.jpg", buf.getvalue())}

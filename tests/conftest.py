@@ -16,11 +16,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
-from sqlalchemy.engine import make_url
-
 from fashionrec_cli.infra import EmbeddedPostgres, EmbeddedRedis, free_port
 from fashionrec_shared.settings import StorageSettings
 from fashionrec_shared.storage import BlobStore, LocalBlobStore, S3BlobStore
+from sqlalchemy.engine import make_url
 
 
 def with_database(url: str, database: str) -> str:

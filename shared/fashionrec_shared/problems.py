@@ -99,4 +99,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(500, "Internal Server Error", "unexpected error; see server logs", request)
+        return problem_response(
+            500, "Internal Server Error", "unexpected error; see server logs", request
+        )

@@ -95,7 +95,7 @@ class JobOut(BaseModel):
 
 
 class JobCreate(BaseModel):
-    """Opens a job that later item uploads attach to (`POST /v1/items?job_id=…`), e.g. one ingest."""
+    """Opens a job that later uploads attach to (`POST /v1/items?job_id=…`), e.g. one ingest."""
 
     kind: str = Field(default="ingest", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
 

@@ -26,7 +26,9 @@ class StorageSettings(BaseSettings):
     local_dir: Path = Path("data/blobs")
     s3_endpoint: str | None = Field(
         default=None,
-        validation_alias=AliasChoices("FASHIONREC_STORAGE_S3_ENDPOINT", "S3_ENDPOINT", "s3_endpoint"),
+        validation_alias=AliasChoices(
+            "FASHIONREC_STORAGE_S3_ENDPOINT", "S3_ENDPOINT", "s3_endpoint"
+        ),
         description="host:port or http(s)://host:port of the S3 server",
     )
     s3_access_key: SecretStr | None = Field(

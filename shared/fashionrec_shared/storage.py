@@ -147,8 +147,12 @@ class S3BlobStore:
         self.bucket = settings.s3_bucket
         self.client = Minio(
             settings.s3_endpoint,
-            access_key=settings.s3_access_key.get_secret_value() if settings.s3_access_key else None,
-            secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
+            access_key=settings.s3_access_key.get_secret_value()
+            if settings.s3_access_key
+            else None,
+            secret_key=settings.s3_secret_key.get_secret_value()
+            if settings.s3_secret_key
+            else None,
             secure=settings.s3_secure,
             region=settings.s3_region,
         )

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from fashionrec_cli.infra import free_port
 from fashionrec_shared.storage import S3BlobStore
+
 from tests.conftest import redis_db_url, s3_settings
 
 STACK_ENV_KEYS = ("DATABASE_URL", "REDIS_URL", "S3_ENDPOINT", "FASHIONREC_STORAGE_S3_ENDPOINT")
@@ -29,7 +29,9 @@ STACK_ENV_KEYS = ("DATABASE_URL", "REDIS_URL", "S3_ENDPOINT", "FASHIONREC_STORAG
 def clean_env() -> dict[str, str]:
     """This process's environment without any fashionrec or service settings."""
     return {
-        k: v for k, v in os.environ.items() if not k.startswith("FASHIONREC_") and k not in STACK_ENV_KEYS
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FASHIONREC_") and k not in STACK_ENV_KEYS
     }
 
 
@@ -111,6 +113,8 @@ def stack(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, log_path, timeout=240)
-        yield RunningStack(url, data_dir, log_path, S3BlobStore(s3_settings(s3_endpoint, bucket)), env)
+        yield RunningStack(
+            url, data_dir, log_path, S3BlobStore(s3_settings(s3_endpoint, bucket)), env
+        )
     finally:
         stop_up(process)

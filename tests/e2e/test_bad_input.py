@@ -20,7 +20,9 @@ def png_announcing(width: int, height: int) -> bytes:
     """A tiny, valid PNG whose header claims a huge size (a decompression bomb)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64)
@@ -94,7 +96,9 @@ def test_bad_metadata_stores_nothing(
 ) -> None:
     before = stored_objects(stack)
     response = client.post(
-        "/v1/items", files={"image": ("x.jpg", good_jpeg(), "image/jpeg")}, data={"metadata": metadata}
+        "/v1/items",
+        files={"image": ("x.jpg", good_jpeg(), "image/jpeg")},
+        data={"metadata": metadata},
     )
     body = assert_problem(response)
     assert stored_objects(stack) == before

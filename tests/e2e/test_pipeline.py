@@ -15,9 +15,9 @@ import time
 
 import httpx
 import pytest
+from fashionrec_cli.synthetic import generate_catalog, make_garment, perturb, write_catalog
 from PIL import Image
 
-from fashionrec_cli.synthetic import generate_catalog, make_garment, perturb, write_catalog
 from tests.e2e.conftest import RunningStack
 
 pytestmark = pytest.mark.e2e

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from fashionrec_cli.infra import free_port
 from PIL import Image
 
-from fashionrec_cli.infra import free_port
 from tests.e2e.conftest import clean_env, start_up, stop_up, wait_ready
 
 pytestmark = pytest.mark.e2e

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from fashionrec_shared.storage import BlobNotFound, BlobStore, content_key
 
 

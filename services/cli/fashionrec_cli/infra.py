@@ -1,4 +1,4 @@
-"""Embedded infrastructure for one-machine runs and tests: Postgres and Redis under a data directory.
+"""Embedded infrastructure for one-machine runs and tests: Postgres and Redis in a data directory.
 
 Used by `fashionrec up` when DATABASE_URL / REDIS_URL are not given, and by the test setup when
 no external services are configured. Everything lives under the data directory and survives

@@ -48,7 +48,7 @@ def up(
     embedders: Annotated[int, typer.Option(min=1, help="embedder worker processes")] = 1,
     ready_timeout: Annotated[float, typer.Option(help="seconds to wait for /readyz")] = 300.0,
 ) -> None:
-    """Start the whole stack (embedded Postgres/Redis/blob dir unless configured); Ctrl-C stops it."""
+    """Start the whole stack (embedded Postgres, Redis, blobs unless configured); Ctrl-C stops."""
     from fashionrec_cli.stack import Stack, StackOptions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -88,7 +88,9 @@ def up(
 @app.command()
 def ingest(
     catalog: Annotated[Path, typer.Argument(help="catalogue .csv or .jsonl")],
-    images: Annotated[Path, typer.Option("--images", help="directory the image paths are relative to")],
+    images: Annotated[
+        Path, typer.Option("--images", help="directory the image paths are relative to")
+    ],
     gateway: GatewayOpt = "http://127.0.0.1:8000",
     api_key: ApiKeyOpt = None,
     concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,

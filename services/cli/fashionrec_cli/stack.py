@@ -52,13 +52,15 @@ class Stack:
     def _acquire_lock(self, data_dir: Path) -> None:
         # Two stacks on one data directory would corrupt each other's embedded Postgres and blobs.
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(data_dir / ".fashionrec-up.lock", "w")
+        self._lock = open(data_dir / ".fashionrec-up.lock", "w")  # noqa: SIM115 - held while up
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RuntimeError(f"another `fashionrec up` is using {data_dir}") from None
 
-    def child_env(self, database_url: str, redis_url: str, paths: dict[str, Path]) -> dict[str, str]:
+    def child_env(
+        self, database_url: str, redis_url: str, paths: dict[str, Path]
+    ) -> dict[str, str]:
         env = dict(self.environ)
         env.update(
             PYTHONUNBUFFERED="1",

@@ -6,6 +6,7 @@ too; nothing is left behind after Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -44,10 +45,8 @@ class Child:
     def signal_group(self, sig: int) -> None:
         if self.process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -72,7 +71,7 @@ class Supervisor:
     children: list[Child] = field(default_factory=list)
 
     def run_once(self, name: str, args: list[str], log_path: Path, timeout: float) -> None:
-        """Run a one-shot step (e.g. migrations) to completion; raise with its log tail on failure."""
+        """Run a one-shot step (e.g. migrations) to the end; raise with its log tail on failure."""
         child = Child(name, args, log_path)
         child.start(self.env)
         assert child.process is not None
