@@ -92,6 +92,16 @@ def test_modified_photos_find_their_item_in_top5(
     assert rate >= MIN_HIT_RATE
 
 
+def test_enough_new_items_trigger_a_build_on_their_own(client: httpx.Client, catalog: dict) -> None:
+    # The stack runs with REBUILD_MIN_NEW=40: ingesting 60 items must produce a build by itself.
+    query = jpeg(make_garment(catalog["specs"][0]))
+    deadline = time.monotonic() + 60
+    while (version := search(client, query).json()["index_version"]) is None:
+        assert time.monotonic() < deadline, "no automatic index build after 60 new items"
+        time.sleep(0.5)
+    assert version
+
+
 def test_items_are_indexed_with_metadata_and_fetchable_images(
     client: httpx.Client, catalog: dict
 ) -> None:

@@ -40,6 +40,7 @@ def test_up_embedded_restart_and_clean_stop(tmp_path: Path, record_property) -> 
     url = f"http://127.0.0.1:{port}"
     args = ["--port", str(port), "--data-dir", str(data_dir), "--weights", "random:0"]
     env = clean_env()
+    env["FASHIONREC_INDEXER_REBUILD_INTERVAL_S"] = "2"  # the timer builds even a single new item
 
     process = start_up(args, env, tmp_path / "up1.log")
     try:
@@ -72,10 +73,16 @@ def test_up_embedded_restart_and_clean_stop(tmp_path: Path, record_property) -> 
         item = httpx.get(f"{url}/v1/items/{item_id}", timeout=10)
         assert item.status_code == 200
         assert item.json()["status"] == "indexed" and item.json()["title"] == "kept"
-        search = httpx.post(
-            f"{url}/v1/search", files={"image": ("q.png", out.getvalue())}, timeout=60
-        ).json()
-        assert search["results"][0]["item_id"] == item_id
+        deadline = time.monotonic() + 60
+        while True:
+            search = httpx.post(
+                f"{url}/v1/search", files={"image": ("q.png", out.getvalue())}, timeout=60
+            ).json()
+            assert search["results"][0]["item_id"] == item_id
+            if search["index_version"] is not None:
+                break  # the rebuild timer indexed it
+            assert time.monotonic() < deadline, "the rebuild timer never built an index"
+            time.sleep(0.5)
     finally:
         assert stop_up(process) == 0
     assert processes_using(data_dir) == []
