@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +63,19 @@ def test_up_embedded_restart_and_clean_stop(tmp_path: Path, record_property) -> 
         while httpx.get(f"{url}/v1/items/{item_id}").json()["status"] == "pending":
             assert time.monotonic() < deadline
             time.sleep(0.2)
+        demo = subprocess.run(
+            [sys.executable, "-m", "fashionrec_cli", "demo", "--count", "6", "--gateway", url,
+             "--out", str(tmp_path / "demo")],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        cells = [
+            [cell.strip() for cell in line.strip("│").split("│")]
+            for line in (demo.stdout + demo.stderr).splitlines()
+            if line.count("│") == 3
+        ]
+        rows = {cell[0]: cell[1] for cell in cells}
+        assert rows.get("uploaded") == "6" and rows.get("indexed") == "6", demo.stderr
     finally:
         assert stop_up(process) == 0
     assert processes_using(data_dir) == []

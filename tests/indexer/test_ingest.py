@@ -29,7 +29,7 @@ def _summary(engine: Engine, job_id: uuid.UUID) -> dict:
 
 def test_job_counts_are_derived_and_idempotent_under_redelivery(engine: Engine) -> None:
     job_id = _job(engine)
-    assert _summary(engine, job_id)["status"] == "completed"  # nothing attached yet
+    assert _summary(engine, job_id)["status"] == "queued"  # nothing attached yet
     ids = [upsert(engine, f"SKU-{i}", job_id=job_id) for i in range(3)]
     summary = _summary(engine, job_id)
     assert (summary["status"], summary["total"], summary["done"]) == ("queued", 3, 0)

@@ -45,7 +45,7 @@ def test_created_flag_and_deleted_item_is_revived(engine: Engine) -> None:
 @pytest.mark.parametrize(
     ("total", "done", "failed", "status"),
     [
-        (0, 0, 0, "completed"),
+        (0, 0, 0, "queued"),
         (3, 0, 0, "queued"),
         (3, 1, 0, "running"),
         (3, 1, 1, "running"),

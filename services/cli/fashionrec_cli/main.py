@@ -53,6 +53,8 @@ def up(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Also when started as a background job, where the shell hands us SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     options = StackOptions(
         data_dir=data_dir,
         port=port,
@@ -146,7 +148,8 @@ def demo(
     if example is not None:
         console.print(
             "try a search:\n"
-            f"  curl -s -F image=@{example} '{gateway}/v1/search?k=5' | python3 -m json.tool"
+            f"  curl -s -F image=@{example} '{gateway}/v1/search?k=5' | python3 -m json.tool",
+            soft_wrap=True,
         )
 
 

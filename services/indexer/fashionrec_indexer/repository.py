@@ -452,9 +452,7 @@ def job_summary(conn: Connection, job_id: uuid.UUID) -> dict[str, Any] | None:
 
 def job_status(total: int, done: int, failed: int) -> str:
     terminal = done + failed
-    if total == 0:
-        return "completed"
-    if terminal == 0:
+    if terminal == 0:  # includes a just-opened job with nothing attached yet
         return "queued"
     if terminal < total:
         return "running"
