@@ -154,5 +154,16 @@ class IndexerSearchResponse(BaseModel):
     index_version: str | None
 
 
+class IndexInfo(BaseModel):
+    index_version: str | None
+    model_version: str | None = Field(description="the version searches are served with")
+    items_in_index: int
+    items_since_build: int
+    built_at: datetime | None = None
+    # Set while a model change re-embeds the inventory; the old version serves until it is done.
+    pending_model_version: str | None = None
+    reembed_job_id: str | None = None
+
+
 class RebuildAccepted(BaseModel):
     task_id: str

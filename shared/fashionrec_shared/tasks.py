@@ -23,6 +23,7 @@ class TaskName(StrEnum):
     EMBED_ITEMS = "fashionrec.embedder.embed_items"
     STORE_EMBEDDINGS = "fashionrec.indexer.store_embeddings"
     BUILD_INDEX = "fashionrec.indexer.build_index"
+    MODEL_ONLINE = "fashionrec.indexer.model_online"
 
 
 TASK_QUEUES: dict[TaskName, Queue] = {
@@ -30,6 +31,7 @@ TASK_QUEUES: dict[TaskName, Queue] = {
     TaskName.EMBED_ITEMS: Queue.EMBED,
     TaskName.STORE_EMBEDDINGS: Queue.INDEX,
     TaskName.BUILD_INDEX: Queue.INDEX,
+    TaskName.MODEL_ONLINE: Queue.INDEX,
 }
 
 
@@ -42,6 +44,9 @@ class ImageRef(BaseModel):
 
 class EmbedQuery(BaseModel):
     image: ImageRef
+    # The version the live index serves; a worker that has it loaded uses it (during a model
+    # change workers hold the new model and the previous one), otherwise its primary model.
+    model_version: str | None = None
 
 
 class EmbedQueryResult(BaseModel):
@@ -60,6 +65,9 @@ class EmbedItem(BaseModel):
 class EmbedItems(BaseModel):
     job_id: str | None = None
     items: list[EmbedItem]
+    # Embed with this loaded model only (re-embed jobs); None: with every loaded model, so items
+    # added during a model change are searchable under the old and the new version.
+    model_version: str | None = None
 
 
 class ItemEmbedding(BaseModel):
@@ -84,3 +92,13 @@ class StoreEmbeddings(BaseModel):
 class BuildIndex(BaseModel):
     reason: str = "manual"
     force: bool = False
+    # None: the version the index serves now (the newest stored one before the first build).
+    model_version: str | None = None
+
+
+class ModelOnline(BaseModel):
+    """Sent by each embedder worker process once its primary model is loaded."""
+
+    model_version: str
+    dim: int
+    hostname: str = ""
