@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -190,6 +191,43 @@ def search(
             "" if hit["price"] is None else f"{hit['price']:.2f}", hit["image_url"],
         )  # fmt: skip
     Console().print(table)
+
+
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _hand_over(module: str, command: str, args: list[str]) -> NoReturn:
+    """Replace this process by a service's own command (the CLI imports no service code)."""
+    os.execv(sys.executable, [sys.executable, "-m", module, command, *args])
+
+
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
+def train(ctx: typer.Context) -> None:
+    """Fine-tune the model with fastai and export a serving artifact.
+
+    fashionrec train DATA --out DIR [--epochs N] [--image-size PX] [--weights W] [--batch-size B]
+    [--embedding heads|pooled] … (all options of `fashionrec-embedder train --help`).
+    """
+    _hand_over("fashionrec_embedder", "train", ctx.args)
+
+
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
+def evaluate(ctx: typer.Context) -> None:
+    """Measure retrieval quality.
+
+    fashionrec evaluate --inshop DIR --weights W [--json FILE]: DeepFashion In-shop protocol
+    (Recall@1/5/10/20, mAP@10), see `fashionrec-embedder evaluate --help`.
+    fashionrec evaluate --index [--samples N] [--k K] [--json FILE]: the live Annoy index against
+    exact search, with query latency, see `fashionrec-indexer evaluate --help`.
+    """
+    args = list(ctx.args)
+    if "--index" in args:
+        args.remove("--index")
+        _hand_over("fashionrec_indexer", "evaluate", args)
+    if any(a == "--inshop" or a.startswith("--inshop=") for a in args) or "--help" in args:
+        _hand_over("fashionrec_embedder", "evaluate", args)
+    console.print("[red]error:[/] say what to evaluate: --inshop DIR (with --weights W) or --index")
+    raise typer.Exit(2)
 
 
 def main() -> None:  # pragma: no cover - console script shim
