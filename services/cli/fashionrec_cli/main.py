@@ -18,7 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line
 
 GatewayOpt = Annotated[
     str, typer.Option("--gateway", envvar="FASHIONREC_GATEWAY_URL", help="gateway base URL")
@@ -191,6 +191,58 @@ def search(
             "" if hit["price"] is None else f"{hit['price']:.2f}", hit["image_url"],
         )  # fmt: skip
     Console().print(table)
+
+
+synth = typer.Typer(
+    help="Write synthetic datasets drawn by code (garments whose labels follow from the drawing).",
+    no_args_is_help=True,
+)
+app.add_typer(synth, name="synth")
+
+
+@synth.command("catalog")
+def synth_catalog(
+    out_dir: Annotated[Path, typer.Argument(help="folder to create")],
+    count: Annotated[int, typer.Option(min=1, help="garments")] = 60,
+    seed: Annotated[int, typer.Option(help="catalogue seed")] = 0,
+    fmt: Annotated[str, typer.Option("--format", help="csv or jsonl")] = "csv",
+) -> None:
+    """A shop catalogue for `fashionrec ingest` (images + catalog.csv|jsonl)."""
+    from fashionrec_cli.synthetic import generate_catalog, write_catalog
+
+    if fmt not in ("csv", "jsonl"):
+        console.print("[red]error:[/] --format must be csv or jsonl")
+        raise typer.Exit(2)
+    path = write_catalog(generate_catalog(count, seed=seed), out_dir, fmt=fmt)
+    console.print(f"wrote {path}; load it with: fashionrec ingest {path} --images {out_dir}")
+
+
+@synth.command("deepfashion")
+def synth_deepfashion(
+    out_dir: Annotated[Path, typer.Argument(help="dataset root to create")],
+    images: Annotated[int, typer.Option(min=3, help="number of garments")] = 200,
+    seed: Annotated[int, typer.Option(help="dataset seed")] = 0,
+    size: Annotated[int, typer.Option(min=32, help="image size in pixels")] = 256,
+    csv_layout: Annotated[bool, typer.Option("--csv", help="write labels.csv instead")] = False,
+) -> None:
+    """DeepFashion Category and Attribute Prediction layout (or the simple CSV), for `train`."""
+    from fashionrec_cli.datasets.deepfashion_attr import main as write
+
+    write(out_dir, images=images, seed=seed, size=size, csv_layout=csv_layout)
+
+
+@synth.command("inshop")
+def synth_inshop(
+    out_dir: Annotated[Path, typer.Argument(help="dataset root to create")],
+    items: Annotated[int, typer.Option(min=1, help="number of garments")] = 60,
+    views: Annotated[int, typer.Option(min=2, help="photos per garment")] = 4,
+    seed: Annotated[int, typer.Option(help="dataset seed")] = 0,
+    size: Annotated[int, typer.Option(min=32, help="drawing size in pixels")] = 256,
+) -> None:
+    """DeepFashion In-shop Clothes Retrieval layout, for `evaluate --inshop`."""
+    from fashionrec_cli.datasets.inshop import main as write
+
+    write(out_dir, items=items, views=views, seed=seed, size=size)
 
 
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
