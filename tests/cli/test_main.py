@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from typer.testing import CliRunner
-
 from fashionrec_cli.main import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

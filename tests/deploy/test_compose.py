@@ -355,7 +355,9 @@ def _requirements_paths() -> set[str]:
     for line in (ROOT / "requirements.txt").read_text().splitlines():
         m = re.match(r"^-e\s+(\S+)", line.strip())
         if m:
-            paths.add(m.group(1))
+            # Service extras (the embedder's fastai `train`) are for development, not for images.
+            path = m.group(1)
+            paths.add(re.sub(r"\[.*\]$", "", path) if path.startswith("./services/") else path)
     return paths
 
 

@@ -275,7 +275,12 @@ def test_worker_process_init_loads_the_model_and_announces_it(
         assert context.model.loaded
         assert context.heartbeat is not None
         alive = json.loads(client.get(context.heartbeat.key))
-        assert alive == {"model_version": "resnet50-random-s3-px64", "dim": 2048, "device": "cpu"}
+        assert alive == {
+            "model_version": "resnet50-random-s3-px64",
+            "dim": 2048,
+            "device": "cpu",
+            "model_versions": ["resnet50-random-s3-px64"],
+        }
         key = context.heartbeat.key
     finally:
         worker._shutdown_worker_process()

@@ -23,8 +23,8 @@ from fashionrec_shared.vectors import encode_vector
 INDEXER_URL = "http://indexer.test"
 
 
-def problem(status: int, detail: str) -> httpx.Response:
-    body = {"type": "about:blank", "title": "Error", "status": status, "detail": detail}
+def problem(status: int, detail: str, **extra: Any) -> httpx.Response:
+    body = {"type": "about:blank", "title": "Error", "status": status, "detail": detail, **extra}
     return httpx.Response(status, json=body, headers={"content-type": "application/problem+json"})
 
 
@@ -35,6 +35,9 @@ class FakeIndexer:
     ready: bool = True
     down: bool = False
     fail_search_with: tuple[int, str] | None = None
+    pending_model_version: str | None = None
+    swap_after_conflict: str | None = None
+    reembed_job_id: str | None = None
     items: dict[str, dict[str, Any]] = field(default_factory=dict)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[tuple[str, str, Any]] = field(default_factory=list)
@@ -64,6 +67,18 @@ class FakeIndexer:
         }
         return item_id
 
+    @property
+    def index_info(self) -> dict[str, Any]:
+        return {
+            "index_version": self.index_version,
+            "model_version": self.model_version,
+            "items_in_index": len(self.items),
+            "items_since_build": 0,
+            "built_at": None,
+            "pending_model_version": self.pending_model_version,
+            "reembed_job_id": self.reembed_job_id,
+        }
+
     def _hits(self, k: int, exclude: str | None = None) -> list[dict[str, Any]]:
         hits = []
         for rank, item in enumerate(v for v in self.items.values() if v["item_id"] != exclude):
@@ -90,8 +105,17 @@ class FakeIndexer:
             if self.fail_search_with:
                 return problem(*self.fail_search_with)
             if body["model_version"] != self.model_version:
-                return problem(409, f"model version {body['model_version']} is not active")
+                served = self.model_version
+                if self.swap_after_conflict:  # a new index swapped in right after this answer
+                    self.model_version, self.swap_after_conflict = self.swap_after_conflict, None
+                return problem(
+                    409,
+                    f"model version {body['model_version']} is not active",
+                    model_version=served,
+                )
             return self._search_response(self._hits(body["k"]))
+        if (method, path) == ("GET", "/index"):
+            return httpx.Response(200, json=self.index_info)
         if (method, path) == ("POST", "/items"):
             return self._upsert(body)
         if (method, path) == ("POST", "/jobs"):
@@ -178,11 +202,14 @@ class FakeEmbedder:
     def timeout(self) -> None:
         self.error = CeleryTimeoutError("The operation timed out.")
 
+    # Versions this embedder also holds (a model change): a query naming one gets it.
+    also_loaded: tuple[str, ...] = ()
+
     def __call__(self, app: Any, task: str, payload: Any, **options: Any) -> FakeResult:
         self.sent.append((str(task), payload.model_dump(mode="json"), options))
-        result = EmbedQueryResult(
-            vector=encode_vector(unit_vector()), dim=8, model_version=self.model_version
-        )
+        wanted = getattr(payload, "model_version", None)
+        version = wanted if wanted in self.also_loaded else self.model_version
+        result = EmbedQueryResult(vector=encode_vector(unit_vector()), dim=8, model_version=version)
         return FakeResult(value=result.model_dump(mode="json"), error=self.error)
 
 

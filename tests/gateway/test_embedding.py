@@ -57,7 +57,12 @@ def test_embed_query_round_trip(celery_app: Celery, redis_url: str) -> None:
     result = CeleryQueryEmbedder(celery_app)(REF, timeout_s=10)
     worker.join(5)
     assert result == RESULT
-    assert seen == [{"task": TaskName.EMBED_QUERY.value, "args": [{"image": REF.model_dump()}]}]
+    assert seen == [
+        {
+            "task": TaskName.EMBED_QUERY.value,
+            "args": [{"image": REF.model_dump(), "model_version": None}],
+        }
+    ]
 
 
 def test_no_worker_is_a_504(celery_app: Celery) -> None:
@@ -80,25 +85,26 @@ def test_unreachable_broker_is_a_503() -> None:
 def test_query_cache(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     cache = QueryVectorCache(client, ttl_s=60)
-    assert cache.get("b" * 64) is None
+    assert cache.get("m1", "b" * 64) is None
     cache.put("b" * 64, RESULT)
-    assert cache.get("b" * 64) == RESULT
-    assert 0 < client.ttl("fashionrec:qvec:" + "b" * 64) <= 60
-    client.set("fashionrec:qvec:" + "c" * 64, "garbage")
-    assert cache.get("c" * 64) is None
-    assert not client.exists("fashionrec:qvec:" + "c" * 64)
-    cache.drop("b" * 64)
-    assert cache.get("b" * 64) is None
-    assert QueryVectorCache(client, ttl_s=0).get("b" * 64) is None
+    assert cache.get("m1", "b" * 64) == RESULT
+    assert cache.get("m2", "b" * 64) is None  # keyed by model version
+    assert 0 < client.ttl("fashionrec:qvec:m1:" + "b" * 64) <= 60
+    client.set("fashionrec:qvec:m1:" + "c" * 64, "garbage")
+    assert cache.get("m1", "c" * 64) is None
+    assert not client.exists("fashionrec:qvec:m1:" + "c" * 64)
+    cache.drop("m1", "b" * 64)
+    assert cache.get("m1", "b" * 64) is None
+    assert QueryVectorCache(client, ttl_s=0).get("m1", "b" * 64) is None
     client.close()
 
 
 def test_cache_treats_redis_trouble_as_a_miss() -> None:
     client = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     cache = QueryVectorCache(client, ttl_s=60)
-    assert cache.get("b" * 64) is None
+    assert cache.get("m1", "b" * 64) is None
     cache.put("b" * 64, RESULT)
-    cache.drop("b" * 64)
+    cache.drop("m1", "b" * 64)
 
 
 def test_concurrent_queries_get_their_own_results(celery_app: Celery, redis_url: str) -> None:

@@ -101,7 +101,8 @@ def test_search_happy_path(gateway: Gateway) -> None:
     # One EMBED_QUERY task with the stored key; the indexer got the vector and the filters.
     [(task, payload, options)] = gateway.embedder.sent
     assert task == TaskName.EMBED_QUERY
-    assert payload == {"image": {"key": key, "sha256": query_sha}}
+    # The first query of a process does not know the served version yet: the primary model.
+    assert payload == {"image": {"key": key, "sha256": query_sha}, "model_version": None}
     assert options["expires"] == gateway.settings.embed_timeout_s
     [query] = gateway.indexer.calls_to("POST", "/search")
     assert query["k"] == 2
@@ -133,8 +134,9 @@ def test_cache_hit_skips_embedding(gateway: Gateway) -> None:
     assert first.json() == second.json()
     assert len(gateway.embedder.sent) == 1
     _, sha = content_key("uploads", data, "jpg")
-    assert 0 < gateway.redis.ttl(QVEC_PREFIX + sha) <= gateway.settings.query_cache_ttl_s
-    cached = EmbedQueryResult.model_validate_json(gateway.redis.get(QVEC_PREFIX + sha))
+    key = f"{QVEC_PREFIX}m1:{sha}"
+    assert 0 < gateway.redis.ttl(key) <= gateway.settings.query_cache_ttl_s
+    cached = EmbedQueryResult.model_validate_json(gateway.redis.get(key))
     assert cached.model_version == "m1"
     assert len(gateway.indexer.calls_to("POST", "/search")) == 2
 
@@ -155,7 +157,9 @@ def test_model_change_reembeds_once(gateway: Gateway) -> None:
         "m2",
     ]
     _, sha = content_key("uploads", data, "jpg")
-    assert b'"m2"' in gateway.redis.get(QVEC_PREFIX + sha)
+    assert b'"m2"' in gateway.redis.get(f"{QVEC_PREFIX}m2:{sha}")
+    # The retry asked the embedder for the version the 409 named.
+    assert [p["model_version"] for _, p, _ in gateway.embedder.sent] == [None, "m2"]
 
 
 def test_persistent_conflict_is_a_409_after_one_retry(gateway: Gateway) -> None:

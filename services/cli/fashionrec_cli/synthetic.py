@@ -72,6 +72,9 @@ CATEGORIES: dict[str, tuple[str, float]] = {
     "shorts": ("n/a", 25.0),
 }
 
+# Surfaces `make_garment` can draw over the pattern (spec.fabric); "cotton" is plain.
+FABRICS = ("cotton", "denim", "knit", "leather")
+
 _PATTERN_WORDS = {
     "solid": "",
     "stripes-horizontal": "striped",
@@ -99,6 +102,8 @@ class GarmentSpec:
     size: int = 256
     accent: str = "white"
     attributes: dict[str, str] = field(default_factory=dict)
+    # Optional surface drawn over the pattern (one of FABRICS); None draws none, as before.
+    fabric: str | None = None
 
     @property
     def image_name(self) -> str:
@@ -279,6 +284,51 @@ def _texture(spec: GarmentSpec, size: int) -> np.ndarray:
     return out
 
 
+def _fabric_surface(fabric: str, size: int) -> np.ndarray:
+    """H x W x 1 brightness multiplier that draws the fabric's surface (weave, ribs, sheen)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    period = max(3.0, size / 24)  # a few pixels even on thumbnails
+    if fabric == "denim":  # twill: fine diagonal ridges
+        surface = 0.8 + 0.2 * (((xx + yy) / period) % 1.0 < 0.5)
+    elif fabric == "knit":  # ribs: soft vertical columns
+        surface = 0.78 + 0.22 * np.abs(np.sin(np.pi * xx / period))
+    elif fabric == "leather":  # dark with a glossy highlight band
+        u = xx / size
+        surface = 0.7 + 0.6 * np.exp(-(((u - 0.35) / 0.08) ** 2))
+    else:
+        surface = np.ones((size, size), dtype=np.float32)
+    return surface.astype(np.float32)[..., None]
+
+
+@dataclass(frozen=True)
+class DrawnDetails:
+    """Facts about the drawing of a spec (for labels that must follow from the pixels)."""
+
+    sleeve: str  # short | long | none | n/a (bottoms)
+    hood: bool
+    collar: bool
+    buttons: bool
+    waistband: bool
+    bottom: float  # lowest point of the body, in image heights
+    width: float  # widest span of the body polygon, in image widths
+
+
+def drawn_details(spec: GarmentSpec) -> DrawnDetails:
+    shape = _shape_for(spec)
+    body = shape.polygons[0]
+    xs, ys = [x for x, _ in body], [y for _, y in body]
+    is_bottom = CATEGORIES.get(spec.category, ("n/a", 0.0))[0] == "n/a"
+    return DrawnDetails(
+        sleeve=CATEGORIES.get(spec.category, ("n/a", 0.0))[0],
+        hood=bool(shape.ellipses),
+        collar=bool(shape.collar),
+        buttons=bool(shape.buttons),
+        waistband=is_bottom,
+        bottom=max(ys),
+        width=max(xs) - min(xs),
+    )
+
+
 def _scale(points: list[Point], size: int) -> list[Point]:
     return [(x * size, y * size) for x, y in points]
 
@@ -311,6 +361,8 @@ def make_garment(spec: GarmentSpec) -> Image.Image:
     xs = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     shade = (0.82 + 0.18 * np.cos(xs * math.pi / 2))[None, :, None]
     texture = _texture(spec, size) * shade
+    if spec.fabric:
+        texture = texture * _fabric_surface(spec.fabric, size)
     pixels = background * (1.0 - mask) + texture * mask
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 

@@ -51,12 +51,17 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(min=1, help="worker processes")] = None,
     device: DeviceOpt = None,
     loglevel: Annotated[str | None, typer.Option(help="log level (default: settings)")] = None,
+    previous_weights: Annotated[
+        str | None, typer.Option(help="comma-separated weights still served (model change)")
+    ] = None,
 ) -> None:
     """Run the Celery worker on queue `embed` (prefork; each process loads the model once)."""
     from fashionrec_embedder.weights import WeightsError, ensure_available, parse_weights
     from fashionrec_embedder.worker import create_celery
 
-    _apply_options(weights=weights, concurrency=concurrency, device=device)
+    _apply_options(
+        weights=weights, concurrency=concurrency, device=device, previous_weights=previous_weights
+    )
     settings = _settings()
     _setup_logging(loglevel or settings.log_level)
     try:
@@ -131,6 +136,159 @@ def embed(
         typer.echo(f"{len(decoded)} images in {elapsed:.2f}s ({len(decoded) / elapsed:.1f}/s)")
     if failed:
         raise typer.Exit(1)
+
+
+@cli.command()
+def evaluate(
+    inshop: Annotated[
+        Path,
+        typer.Option(
+            file_okay=False, help="DeepFashion In-shop root (with Eval/list_eval_partition.txt)"
+        ),
+    ],
+    weights: WeightsOpt = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", dir_okay=False, help="also write the result here")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="images per model call")] = None,
+    device: DeviceOpt = None,
+    image_size: Annotated[int | None, typer.Option(min=32, help="model input side (px)")] = None,
+) -> None:
+    """Retrieval quality on DeepFashion In-shop: Recall@1/5/10/20 and mAP@10 (exact cosine)."""
+    from rich.console import Console
+
+    from fashionrec_embedder.evaluation import (
+        EvaluationError,
+        evaluate_inshop,
+        render_table,
+        write_json,
+    )
+    from fashionrec_embedder.settings import EmbedderSettings
+    from fashionrec_embedder.weights import WeightsError
+
+    overrides = {
+        "weights": weights,
+        "device": device,
+        "batch_size": batch_size,
+        "image_size": image_size,
+    }
+    try:
+        # Options override the environment without writing to it (nothing is forked here).
+        settings = EmbedderSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        typer.echo(f"invalid embedder settings: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    _setup_logging(settings.log_level)
+    try:
+        result = evaluate_inshop(inshop, settings, batch_size=settings.batch_size)
+    except (EvaluationError, WeightsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    render_table(result, Console())
+    if json_out is not None:
+        write_json(result, json_out)
+        typer.echo(f"wrote {json_out}")
+
+
+EmbeddingOpt = Annotated[
+    str, typer.Option(help="served embedding: heads (512 per head, the paper's) | pooled (2048)")
+]
+
+
+def _check_embedding(kind: str) -> None:
+    if kind not in ("heads", "pooled"):
+        typer.echo(f"error: --embedding must be heads or pooled, not {kind!r}", err=True)
+        raise typer.Exit(2)
+
+
+@cli.command()
+def train(
+    data: Annotated[
+        Path, typer.Argument(exists=True, help="DeepFashion attribute root, a .csv, or a dir")
+    ],
+    out: Annotated[Path, typer.Option(file_okay=False, help="where the model is written")],
+    epochs: Annotated[int, typer.Option(min=0, help="epochs with the body unfrozen")] = 1,
+    freeze_epochs: Annotated[int, typer.Option(min=0, help="epochs training heads only")] = 1,
+    image_size: Annotated[int, typer.Option(min=32, max=1024, help="input side (px)")] = 224,
+    weights: Annotated[
+        str, typer.Option(help="body init: imagenet | random:SEED | PATH (state_dict/model dir)")
+    ] = "imagenet",
+    batch_size: Annotated[int, typer.Option(min=2, help="images per batch")] = 32,
+    embedding: EmbeddingOpt = "heads",
+    threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="attribute probability threshold (metrics)")
+    ] = 0.5,
+    lr: Annotated[float, typer.Option(min=0.0, help="base learning rate (heads)")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="random seed (splits, init order, shuffling)")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="data loader processes (default: 0 on CPU)")
+    ] = None,
+) -> None:
+    """Fine-tune the multi-task ResNet50 (category + attribute heads) with fastai and export it
+    to OUT (config.json + model.safetensors + history.csv); serve it with --weights OUT."""
+    from fashionrec_embedder.weights import WeightsError
+
+    _check_embedding(embedding)
+    if not 0.0 < threshold < 1.0:
+        typer.echo("error: --threshold must be between 0 and 1", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    _setup_logging(settings.log_level)
+    try:
+        from fashionrec_embedder.training.data import DataError
+        from fashionrec_embedder.training.run import TrainOptions
+        from fashionrec_embedder.training.run import train as run_training
+    except ImportError as exc:
+        typer.echo(
+            f"error: training needs the `train` extra ({exc}); "
+            "pip install -e 'services/embedder[train]'",
+            err=True,
+        )
+        raise typer.Exit(1) from exc
+    options = TrainOptions(
+        epochs=epochs,
+        freeze_epochs=freeze_epochs,
+        image_size=image_size,
+        batch_size=batch_size,
+        weights=weights,
+        embedding=embedding,
+        threshold=threshold,
+        lr=lr,
+        seed=seed,
+        device=device,
+        num_workers=workers,
+        cache_dir=settings.cache_dir,
+    )
+    if epochs + freeze_epochs == 0:
+        typer.echo("error: nothing to train (--epochs 0 --freeze-epochs 0)", err=True)
+        raise typer.Exit(2)
+    try:
+        run_training(data, out, options, echo=typer.echo)
+    except (DataError, WeightsError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@cli.command()
+def export(
+    model: Annotated[Path, typer.Argument(exists=True, help="a model directory (train --out)")],
+    out: Annotated[Path, typer.Option(file_okay=False, help="the new model directory")],
+    embedding: EmbeddingOpt = "heads",
+) -> None:
+    """Re-export a trained model with another served embedding (same weights, new version)."""
+    from fashionrec_embedder.artifact import reexport
+    from fashionrec_embedder.weights import WeightsError
+
+    _check_embedding(embedding)
+    try:
+        config = reexport(model, out, embedding=embedding)
+    except WeightsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(
+        f"model_version: {config['model_version']}  dim: {config['embedding']['dim']}  -> {out}"
+    )
 
 
 def main() -> None:

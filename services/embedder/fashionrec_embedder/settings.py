@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fashionrec_shared.settings import ServiceSettings
 from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 
 class EmbedderSettings(ServiceSettings):
@@ -19,6 +19,12 @@ class EmbedderSettings(ServiceSettings):
         default="imagenet",
         description="'imagenet', 'random:SEED' (tests only) or a path to a .pt/.pth/.safetensors "
         "ResNet50 state_dict",
+    )
+    # During a model change workers also hold the model(s) the live index still serves, so
+    # queries keep working and new items are embedded under both versions until the swap.
+    previous_weights: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated weights specs of models to keep loaded besides `weights`",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=16, ge=1, le=1024)
@@ -33,6 +39,13 @@ class EmbedderSettings(ServiceSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("previous_weights", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("weights")
     @classmethod

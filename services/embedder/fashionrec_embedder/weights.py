@@ -5,7 +5,9 @@
   `torch.load(weights_only=True)`, so no arbitrary object is ever unpickled) or a .safetensors
   file; classifier keys (fc.*) are dropped;
 - `imagenet`: torchvision's IMAGENET1K_V2 weights, downloaded once into `cache_dir`;
-- `random:SEED`: deterministic random weights, for tests and smoke runs only.
+- `random:SEED`: deterministic random weights, for tests and smoke runs only;
+- a DIRECTORY written by `fashionrec-embedder train`/`export` (or its config.json): a fine-tuned
+  multi-task model served as a whole (see artifact.py); its config names the version.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class WeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class WeightsSource:
-    kind: Literal["imagenet", "random", "file"]
+    kind: Literal["imagenet", "random", "file", "artifact"]
     seed: int | None = None
     path: Path | None = None
 
@@ -47,7 +49,7 @@ class WeightsSource:
     def label(self) -> str:
         if self.kind == "random":
             return f"random:{self.seed}"
-        return str(self.path) if self.kind == "file" else "imagenet"
+        return str(self.path) if self.kind in ("file", "artifact") else "imagenet"
 
 
 def parse_weights(spec: str) -> WeightsSource:
@@ -61,6 +63,16 @@ def parse_weights(spec: str) -> WeightsSource:
             raise WeightsError(f"bad weights {spec!r}: use random:SEED with SEED a whole number")
         return WeightsSource("random", seed=int(match.group(1)))
     path = Path(spec).expanduser()
+    # Imported here: artifact.py imports this module.
+    from fashionrec_embedder.artifact import artifact_dir, is_artifact
+
+    if is_artifact(path):
+        return WeightsSource("artifact", path=artifact_dir(path).resolve())
+    if path.is_dir():
+        raise WeightsError(
+            f"weights directory {str(path)!r} has no config.json; pass the directory a "
+            "`fashionrec-embedder train --out DIR` wrote, or a ResNet50 state_dict file"
+        )
     if not path.is_file():
         raise WeightsError(
             f"weights file {str(path)!r} does not exist; pass --weights PATH to a ResNet50 "
@@ -81,7 +93,13 @@ def model_version(source: WeightsSource, image_size: int = 224) -> str:
     """A short id of the weights; embeddings of different versions are never compared.
 
     The input size changes the embeddings too, so a non-default size is part of the version.
+    A trained artifact carries its own version (content hash; its config fixes the size).
     """
+    if source.kind == "artifact":
+        from fashionrec_embedder.artifact import read_config
+
+        assert source.path is not None
+        return str(read_config(source.path)["model_version"])
     if source.kind == "imagenet":
         version = "resnet50-imagenet1k-v2"
     elif source.kind == "random":
@@ -191,6 +209,11 @@ def load_backbone(source: WeightsSource, cache_dir: Path) -> nn.Module:
         return random_backbone(source.seed)
     if source.kind == "imagenet":
         state = imagenet_state_dict(cache_dir)
+    elif source.kind == "artifact":  # a trained model's body, e.g. to train further from it
+        from fashionrec_embedder.artifact import load_artifact
+
+        assert source.path is not None
+        return load_artifact(source.path)[0].body
     else:
         assert source.path is not None
         state = file_state_dict(source.path)
@@ -208,3 +231,8 @@ def ensure_available(source: WeightsSource, cache_dir: Path) -> None:
     """Fetch downloadable weights once, before worker processes start (they would race)."""
     if source.kind == "imagenet":
         imagenet_state_dict(cache_dir)
+    elif source.kind == "artifact":  # validate config and content hash before forking
+        from fashionrec_embedder.artifact import read_config, read_weights
+
+        assert source.path is not None
+        read_weights(source.path, read_config(source.path))

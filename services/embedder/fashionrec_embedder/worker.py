@@ -7,6 +7,12 @@ announces itself with a heartbeat key the gateway's /readyz counts.
 
 Task bodies are plain functions (`embed_query`, `embed_items`) taking a `WorkerContext`, so tests
 run them against real storage and Redis without a worker.
+
+Model changes: besides its primary model (`weights`) a process may hold the previous ones
+(`previous_weights`). Queries are embedded with the version the live index serves when it is
+loaded; items without a requested version are embedded with every loaded model, so they are
+searchable before and after the indexer swaps to the new version. Once loaded, each process
+announces its primary model to the indexer (MODEL_ONLINE), which starts the re-embedding.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from fashionrec_shared.tasks import (
     ImageRef,
     ItemEmbedding,
     ItemFailure,
+    ModelOnline,
     StoreEmbeddings,
     TaskName,
 )
@@ -93,6 +100,16 @@ class PoisonMessage(RuntimeError):
 
 class ImageMismatch(ValueError):
     """The stored bytes do not hash to the sha256 the message names."""
+
+
+class VersionNotLoaded(RuntimeError):
+    """EMBED_ITEMS asked for a model version this process does not hold (another one may)."""
+
+
+# A process without the requested version hands the task back this many times (another process,
+# e.g. one already rolled out with the new model, picks it up) before reporting the items failed.
+VERSION_RETRIES = 12
+VERSION_RETRY_S = 5.0
 
 
 def heartbeat_key(hostname: str | None = None, pid: int | None = None) -> str:
@@ -165,7 +182,8 @@ class WorkerContext:
     settings: EmbedderSettings
     store: BlobStore
     redis: redis.Redis
-    model: Embedder
+    model: Embedder  # the primary model
+    previous: list[Embedder] = field(default_factory=list)  # kept loaded during a model change
     heartbeat: Heartbeat | None = field(default=None, repr=False)
 
     @classmethod
@@ -177,16 +195,67 @@ class WorkerContext:
             store=make_blob_store(settings.storage),
             redis=redis.Redis.from_url(settings.broker.url),
             model=model,
+            previous=load_previous(settings, model.model_version),
         )
 
+    @property
+    def models(self) -> dict[str, Embedder]:
+        """Every loaded model by version, the primary first."""
+        loaded = {self.model.model_version: self.model}
+        for model in self.previous:
+            loaded.setdefault(model.model_version, model)
+        return loaded
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.model.describe(), "model_versions": list(self.models)}
+
     def start_heartbeat(self) -> None:
-        self.heartbeat = Heartbeat(self.redis, self.model.describe())
+        self.heartbeat = Heartbeat(self.redis, self.describe())
         self.heartbeat.start()
 
     def close(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.redis.close()
+
+
+def load_previous(settings: EmbedderSettings, primary_version: str) -> list[Embedder]:
+    """Load the `previous_weights` models; one that cannot be loaded is skipped, not fatal."""
+    loaded: list[Embedder] = []
+    seen = {primary_version}
+    for spec in settings.previous_weights:
+        try:
+            model = Embedder(settings.model_copy(update={"weights": spec}))
+            if model.model_version in seen:
+                continue
+            model.load()
+        except Exception as exc:  # a bad previous model must not stop the primary from serving
+            log.error("previous weights %r not loaded: %s", spec, exc)
+            continue
+        seen.add(model.model_version)
+        loaded.append(model)
+    return loaded
+
+
+def announce_model(context: WorkerContext, sender: Callable[..., object] = send) -> bool:
+    """Send MODEL_ONLINE for the primary model; the indexer starts a re-embed if it is new."""
+    app = make_celery("fashionrec-embedder-announce", context.settings.broker)
+    try:
+        sender(
+            app,
+            TaskName.MODEL_ONLINE,
+            ModelOnline(
+                model_version=context.model.model_version,
+                dim=context.model.dim,
+                hostname=socket.gethostname(),
+            ),
+        )
+        return True
+    except Exception as exc:  # the next process start announces again; serving goes on
+        log.warning("could not announce model %s: %s", context.model.model_version, exc)
+        return False
+    finally:
+        app.close()
 
 
 _context: WorkerContext | None = None
@@ -205,6 +274,7 @@ def get_context() -> WorkerContext:
         if _context is None:
             _context = WorkerContext.build(default_threads(EmbedderSettings()))
             _context.start_heartbeat()
+            announce_model(_context)
         return _context
 
 
@@ -213,11 +283,12 @@ def _init_worker_process(**_: Any) -> None:
     started = time.perf_counter()
     context = get_context()
     log.info(
-        "embedder process %d ready: model %s (dim %d) on %s, model load %.2fs, init %.2fs, "
-        "heartbeat %s",
+        "embedder process %d ready: model %s (dim %d, also loaded: %s) on %s, model load %.2fs, "
+        "init %.2fs, heartbeat %s",
         os.getpid(),
         context.model.model_version,
         context.model.dim,
+        ", ".join(m.model_version for m in context.previous) or "-",
         context.model.device,
         context.model.load_seconds or 0.0,
         time.perf_counter() - started,
@@ -255,8 +326,9 @@ def load_image(context: WorkerContext, ref: ImageRef) -> Image.Image:
 def decode_image_checked(context: WorkerContext, ref: ImageRef, data: bytes) -> Image.Image:
     if sha256_hex(data) != ref.sha256:
         raise ImageMismatch(f"stored bytes of {ref.key} do not match sha256 {ref.sha256}")
-    settings = context.settings
-    return decode_image(data, max_pixels=settings.max_image_pixels, draft_size=settings.image_size)
+    # A trained artifact fixes its own input size; decode large enough for every loaded model.
+    draft = max(model.image_size for model in context.models.values())
+    return decode_image(data, max_pixels=context.settings.max_image_pixels, draft_size=draft)
 
 
 def _valid_vector(vector: np.ndarray) -> bool:
@@ -271,19 +343,22 @@ def embed_query(
     if poisoned is not None:
         raise PoisonMessage(f"poison message: gave up after {poisoned} deliveries")
     request = EmbedQuery.model_validate(payload)
+    # The version the index serves if this process holds it, else the primary (the indexer
+    # answers 409 naming its version and the gateway asks again).
+    model = context.models.get(request.model_version or "", context.model)
     t0 = time.perf_counter()
     data = context.store.get(request.image.key)
     t1 = time.perf_counter()
     image = decode_image_checked(context, request.image, data)
     t2 = time.perf_counter()
-    vector = context.model.embed([image])[0]
+    vector = model.embed([image])[0]
     t3 = time.perf_counter()
     if not _valid_vector(vector):
         raise ValueError("the model produced a non-finite or zero embedding for this image")
     return EmbedQueryResult(
         vector=encode_vector(vector),
         dim=int(vector.shape[0]),
-        model_version=context.model.model_version,
+        model_version=model.model_version,
         timings_ms={
             "fetch": round((t1 - t0) * 1000, 2),
             "decode": round((t2 - t1) * 1000, 2),
@@ -296,6 +371,13 @@ def _failure(item: EmbedItem, error: str) -> ItemFailure:
     return ItemFailure(item_id=item.item_id, error=error)
 
 
+def _targets(context: WorkerContext, version: str | None) -> list[Embedder]:
+    if version is None:
+        return list(context.models.values())
+    model = context.models.get(version)
+    return [model] if model is not None else []
+
+
 def embed_items(
     context: WorkerContext,
     payload: dict[str, Any],
@@ -303,24 +385,39 @@ def embed_items(
     store_results: Callable[[StoreEmbeddings], object],
     task_id: str | None = None,
     retries: int = 0,
+    final: bool = True,
 ) -> dict[str, Any]:
     """EMBED_ITEMS: embed inventory images in batches, then hand results to the indexer.
 
-    Per-item problems (missing blob, undecodable image) become ItemFailure; transient storage or
-    broker errors propagate so Celery retries the whole (idempotent) task.
+    With `model_version` only that loaded model embeds (re-embed jobs); without, every loaded
+    model does, and one STORE_EMBEDDINGS goes out per version. Per-item problems (missing blob,
+    undecodable image) become ItemFailure; transient storage or broker errors propagate so
+    Celery retries the whole (idempotent) task. A requested version this process does not hold
+    raises VersionNotLoaded (another process may hold it) unless `final`: then the items fail.
     """
     request = EmbedItems.model_validate(payload)
-    model = context.model
     items = request.items
-    embeddings: list[ItemEmbedding] = []
-    failures: list[ItemFailure] = []
-    summary: dict[str, Any] = {"job_id": request.job_id, "model_version": model.model_version}
+    targets = _targets(context, request.model_version)
+    versions = [m.model_version for m in targets] or [str(request.model_version)]
+    # version -> (embeddings, failures); failures of reading an image go to every version.
+    results: dict[str, tuple[list[ItemEmbedding], list[ItemFailure]]] = {
+        v: ([], []) for v in versions
+    }
+    shared: list[ItemFailure] = []
+    summary: dict[str, Any] = {"job_id": request.job_id, "model_version": versions[0]}
 
     poisoned = deliveries_exceeded(context, task_id, retries)
     if poisoned is not None:
         reason = f"poison message: gave up after {poisoned} deliveries"
         log.error("task %s: %s; reporting %d items failed", task_id, reason, len(items))
-        failures = [_failure(item, reason) for item in items]
+        shared = [_failure(item, reason) for item in items]
+        results = {versions[0]: ([], [])}
+    elif not targets:
+        loaded = ", ".join(context.models)
+        if not final:
+            raise VersionNotLoaded(f"model {request.model_version} is not loaded here ({loaded})")
+        reason = f"model {request.model_version} is not loaded by any embedder (loaded: {loaded})"
+        shared = [_failure(item, reason) for item in items]
     else:
         started = time.perf_counter()
         try:
@@ -331,42 +428,54 @@ def embed_items(
                         good.append((item, load_image(context, item.image)))
                     except BlobNotFound:
                         reason = f"image not found in storage: {item.image.key}"
-                        failures.append(_failure(item, reason))
+                        shared.append(_failure(item, reason))
                     except ValueError as exc:  # ImageDecodeError, ImageMismatch, a bad key
-                        failures.append(_failure(item, str(exc)))
-                vectors = model.embed([image for _, image in good])
-                for (item, _), vector in zip(good, vectors, strict=True):
-                    if _valid_vector(vector):
-                        embeddings.append(
-                            ItemEmbedding(
-                                item_id=item.item_id,
-                                image_sha256=item.image.sha256,
-                                vector=encode_vector(vector),
+                        shared.append(_failure(item, str(exc)))
+                for model in targets:
+                    embeddings, failures = results[model.model_version]
+                    vectors = model.embed([image for _, image in good])
+                    for (item, _), vector in zip(good, vectors, strict=True):
+                        if _valid_vector(vector):
+                            embeddings.append(
+                                ItemEmbedding(
+                                    item_id=item.item_id,
+                                    image_sha256=item.image.sha256,
+                                    vector=encode_vector(vector),
+                                )
                             )
-                        )
-                    else:
-                        failures.append(_failure(item, "the model produced a non-finite embedding"))
+                        else:
+                            reason = "the model produced a non-finite embedding"
+                            failures.append(_failure(item, reason))
         except SoftTimeLimitExceeded:
-            reported = {e.item_id for e in embeddings} | {f.item_id for f in failures}
-            unfinished = [item for item in items if item.item_id not in reported]
-            log.warning("soft time limit hit: %d items not embedded", len(unfinished))
-            failures.extend(
-                _failure(item, "embedding timed out (task time limit); upload the item again")
-                for item in unfinished
-            )
+            log.warning("soft time limit hit: reporting the items not embedded yet as failed")
+            for embeddings, failures in results.values():
+                reported = {e.item_id for e in (*embeddings, *failures, *shared)}
+                failures.extend(
+                    _failure(item, "embedding timed out (task time limit); upload the item again")
+                    for item in items
+                    if item.item_id not in reported
+                )
         summary["seconds"] = round(time.perf_counter() - started, 3)
 
+    dims = {m.model_version: m.dim for m in targets}
     if items:
-        store_results(
-            StoreEmbeddings(
-                job_id=request.job_id,
-                model_version=model.model_version,
-                dim=model.dim,
-                embeddings=embeddings,
-                failures=failures,
+        for version, (embeddings, failures) in results.items():
+            store_results(
+                StoreEmbeddings(
+                    job_id=request.job_id,
+                    model_version=version,
+                    dim=dims.get(version, context.model.dim),
+                    embeddings=embeddings,
+                    failures=[*shared, *failures],
+                )
             )
-        )
-    summary.update(embedded=len(embeddings), failed=len(failures), poison=poisoned is not None)
+    first_embeddings, first_failures = next(iter(results.values()))
+    summary.update(
+        embedded=len(first_embeddings),
+        failed=len(shared) + len(first_failures),
+        poison=poisoned is not None,
+        model_versions=list(results),
+    )
     return summary
 
 
@@ -390,10 +499,16 @@ def embed_query_task(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def embed_items_task(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    return embed_items(
-        get_context(),
-        payload,
-        store_results=lambda result: send(self.app, TaskName.STORE_EMBEDDINGS, result),
-        task_id=self.request.id,
-        retries=self.request.retries or 0,
-    )
+    retries = self.request.retries or 0
+    try:
+        return embed_items(
+            get_context(),
+            payload,
+            store_results=lambda result: send(self.app, TaskName.STORE_EMBEDDINGS, result),
+            task_id=self.request.id,
+            retries=retries,
+            final=retries >= VERSION_RETRIES,
+        )
+    except VersionNotLoaded as exc:
+        # Back on the queue for a process that holds the version (e.g. during a rolling deploy).
+        raise self.retry(exc=exc, countdown=VERSION_RETRY_S, max_retries=VERSION_RETRIES) from exc

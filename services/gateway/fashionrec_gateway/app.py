@@ -16,12 +16,13 @@ from fastapi import FastAPI
 from fashionrec_gateway.embedding import (
     CeleryQueryEmbedder,
     QueryVectorCache,
+    ServingVersion,
     tune_for_requests,
 )
 from fashionrec_gateway.indexer_client import IndexerClient
 from fashionrec_gateway.metrics import GatewayMetrics
 from fashionrec_gateway.middleware import BodyLimitMiddleware, MetricsMiddleware
-from fashionrec_gateway.routers import demo, health, images, items, jobs, search
+from fashionrec_gateway.routers import demo, health, images, index, items, jobs, search
 from fashionrec_gateway.settings import GatewaySettings
 
 log = logging.getLogger("fashionrec.gateway")
@@ -54,6 +55,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.indexer = indexer
         app.state.query_embedder = CeleryQueryEmbedder(celery)
         app.state.query_cache = QueryVectorCache(redis_client, config.query_cache_ttl_s)
+        app.state.serving_version = ServingVersion()
         log.info("gateway ready to serve; indexer at %s", config.indexer_url)
         try:
             yield
@@ -73,6 +75,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(MetricsMiddleware)
-    for module in (search, items, jobs, images, health, demo):
+    for module in (search, items, jobs, index, images, health, demo):
         app.include_router(module.router)
     return app

@@ -11,7 +11,7 @@ from fashionrec_shared.storage import BlobStore
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
-from fashionrec_gateway.embedding import QueryEmbedder, QueryVectorCache
+from fashionrec_gateway.embedding import QueryEmbedder, QueryVectorCache, ServingVersion
 from fashionrec_gateway.indexer_client import IndexerClient
 from fashionrec_gateway.metrics import GatewayMetrics
 from fashionrec_gateway.settings import GatewaySettings
@@ -41,6 +41,10 @@ def get_query_cache(request: Request) -> QueryVectorCache:
     return request.app.state.query_cache
 
 
+def get_serving_version(request: Request) -> ServingVersion:
+    return request.app.state.serving_version
+
+
 def get_metrics(request: Request) -> GatewayMetrics:
     return request.app.state.metrics
 
@@ -51,6 +55,7 @@ RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 IndexerDep = Annotated[IndexerClient, Depends(get_indexer)]
 QueryEmbedderDep = Annotated[QueryEmbedder, Depends(get_query_embedder)]
 QueryCacheDep = Annotated[QueryVectorCache, Depends(get_query_cache)]
+ServingVersionDep = Annotated[ServingVersion, Depends(get_serving_version)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
 
 _api_key_header = APIKeyHeader(

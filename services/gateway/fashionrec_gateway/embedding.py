@@ -1,12 +1,16 @@
-"""Query embeddings: a Celery round trip to the embedder, behind a Redis cache keyed by image sha.
+"""Query embeddings: a Celery round trip to the embedder, behind a Redis cache keyed by model
+version and image sha.
 
 The gateway never loads the model; it sends `fashionrec.embedder.embed_query` (queue `embed`) by
-name with an `EmbedQuery` payload and waits a bounded time for the `EmbedQueryResult` dict.
+name with an `EmbedQuery` payload and waits a bounded time for the `EmbedQueryResult` dict. The
+payload names the model version the indexer serves (`ServingVersion`): during a model change the
+embedder holds the old and the new model, and the old one serves until the new index is in.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -25,7 +29,32 @@ QVEC_PREFIX = "fashionrec:qvec:"
 
 
 class QueryEmbedder(Protocol):
-    def __call__(self, image: ImageRef, timeout_s: float) -> EmbedQueryResult: ...
+    def __call__(
+        self, image: ImageRef, timeout_s: float, model_version: str | None = None
+    ) -> EmbedQueryResult: ...
+
+
+class ServingVersion:
+    """The model version the indexer serves, as last seen in its answers (one per process).
+
+    Learnt from search answers and from the 409 problem the indexer sends when a query's
+    version is not the served one; None until the first answer (the embedder's primary then).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value: str | None = None
+
+    @property
+    def value(self) -> str | None:
+        return self._value
+
+    def update(self, model_version: str | None) -> None:
+        if model_version:
+            with self._lock:
+                if model_version != self._value:
+                    log.info("indexer serves model %s (was %s)", model_version, self._value)
+                    self._value = model_version
 
 
 def tune_for_requests(app: Celery) -> Celery:
@@ -69,11 +98,16 @@ class CeleryQueryEmbedder:
         self.app = app
         self._send = sender  # replaced in tests; the real one is fashionrec_shared.celery_app.send
 
-    def __call__(self, image: ImageRef, timeout_s: float) -> EmbedQueryResult:
+    def __call__(
+        self, image: ImageRef, timeout_s: float, model_version: str | None = None
+    ) -> EmbedQueryResult:
         try:
             # expires: a query nobody waits for any more is not worth a worker's time.
             result = self._send(
-                self.app, TaskName.EMBED_QUERY, EmbedQuery(image=image), expires=timeout_s
+                self.app,
+                TaskName.EMBED_QUERY,
+                EmbedQuery(image=image, model_version=model_version),
+                expires=timeout_s,
             )
         except (*_CONNECTION_ERRORS, RuntimeError) as exc:
             if not _unreachable(exc):
@@ -120,39 +154,53 @@ def _forget(result: Any) -> None:
         log.debug("could not forget task result", exc_info=True)
 
 
+def qvec_key(model_version: str, sha256: str) -> str:
+    return f"{QVEC_PREFIX}{model_version}:{sha256}"
+
+
 class QueryVectorCache:
-    """EmbedQueryResult JSON under `fashionrec:qvec:{sha256}`; Redis trouble is a cache miss."""
+    """EmbedQueryResult JSON under `fashionrec:qvec:{model_version}:{sha256}`.
+
+    Keyed by version, so a model change never serves a stale vector: an entry is valid as long
+    as its version is. Redis trouble is a cache miss.
+    """
 
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.client = client
         self.ttl_s = ttl_s
 
-    def get(self, sha256: str) -> EmbedQueryResult | None:
+    def get(self, model_version: str, sha256: str) -> EmbedQueryResult | None:
         if self.ttl_s <= 0:
             return None
         try:
-            raw = self.client.get(QVEC_PREFIX + sha256)
+            raw = self.client.get(qvec_key(model_version, sha256))
         except redis.RedisError:
             log.warning("query cache read failed", exc_info=True)
             return None
         if raw is None:
             return None
         try:
-            return EmbedQueryResult.model_validate_json(raw)
+            result = EmbedQueryResult.model_validate_json(raw)
         except ValidationError:
-            self.drop(sha256)
+            result = None
+        if result is None or result.model_version != model_version:
+            self.drop(model_version, sha256)
             return None
+        return result
 
     def put(self, sha256: str, result: EmbedQueryResult) -> None:
+        """Store under the version that made the vector."""
         if self.ttl_s <= 0:
             return
         try:
-            self.client.set(QVEC_PREFIX + sha256, result.model_dump_json(), ex=self.ttl_s)
+            self.client.set(
+                qvec_key(result.model_version, sha256), result.model_dump_json(), ex=self.ttl_s
+            )
         except redis.RedisError:
             log.warning("query cache write failed", exc_info=True)
 
-    def drop(self, sha256: str) -> None:
+    def drop(self, model_version: str, sha256: str) -> None:
         try:
-            self.client.delete(QVEC_PREFIX + sha256)
+            self.client.delete(qvec_key(model_version, sha256))
         except redis.RedisError:
             log.warning("query cache delete failed", exc_info=True)

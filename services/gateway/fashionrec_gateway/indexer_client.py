@@ -1,7 +1,8 @@
 """HTTP client for the indexer's internal API; its failures become problems for our callers.
 
 Mapping: unreachable -> 503, no answer in time -> 504, 409 -> IndexerConflict (the search flow
-re-embeds once), other 4xx -> the same status with the indexer's detail, 5xx or garbage -> 502.
+re-embeds once, with the model version the problem names), other 4xx -> the same status with the
+indexer's detail, 5xx or garbage -> 502.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fashionrec_shared.problems import ProblemError
 from fashionrec_shared.schemas import (
     IndexerItem,
     IndexerSearchResponse,
+    IndexInfo,
     JobCreate,
     JobOut,
     SearchFilters,
@@ -30,7 +32,14 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class IndexerConflict(ProblemError):
-    """The indexer answered 409 (model version changed, or the item has no embedding yet)."""
+    """The indexer answered 409 (model version changed, or the item has no embedding yet).
+
+    `model_version`: the version the indexer serves, when its problem names it.
+    """
+
+    def __init__(self, title: str, detail: str, model_version: str | None = None) -> None:
+        super().__init__(409, title, detail)
+        self.model_version = model_version
 
 
 def check_id(value: str, what: str) -> str:
@@ -68,7 +77,7 @@ class IndexerClient:
             return response
         title, detail = _problem_of(response)
         if response.status_code == 409:
-            raise IndexerConflict(409, title or "Conflict", detail)
+            raise IndexerConflict(title or "Conflict", detail, _served_version(response))
         if 400 <= response.status_code < 500:
             raise ProblemError(response.status_code, title or "Error", detail)
         raise ProblemError(
@@ -113,9 +122,21 @@ class IndexerClient:
         response = self._request("GET", f"/jobs/{check_id(job_id, 'job')}")
         return self._parse(response, JobOut)
 
+    def index_info(self) -> IndexInfo:
+        return self._parse(self._request("GET", "/index"), IndexInfo)
+
     def ready(self, timeout_s: float = 3.0) -> None:
         """Raises ProblemError unless the indexer's /readyz answers 200."""
         self._request("GET", "/readyz", timeout=timeout_s)
+
+
+def _served_version(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    version = body.get("model_version") if isinstance(body, dict) else None
+    return version if isinstance(version, str) and version else None
 
 
 def _problem_of(response: httpx.Response) -> tuple[str | None, str]:

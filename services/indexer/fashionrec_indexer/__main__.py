@@ -1,9 +1,10 @@
-"""`fashionrec-indexer`: migrate, serve, worker, rebuild."""
+"""`fashionrec-indexer`: migrate, serve, worker, rebuild, evaluate."""
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -111,6 +112,53 @@ def rebuild(
         console.print(f"[yellow]skipped:[/] {result.detail}")
         return
     console.print_json(json.dumps(result.manifest))
+
+
+@cli.command()
+def evaluate(
+    samples: Annotated[int, typer.Option(min=1, help="stored vectors used as queries")] = 200,
+    k: Annotated[int, typer.Option(min=1, help="neighbours per query")] = 5,
+    search_k: Annotated[
+        int | None, typer.Option(help="Annoy search_k (default: the configured one)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", dir_okay=False, help="also write the result here")
+    ] = None,
+) -> None:
+    """Measure the live index: Annoy recall@k against exact search, and query latency."""
+    from fashionrec_shared.storage import make_blob_store
+    from rich.console import Console
+
+    from fashionrec_indexer.db import make_engine
+    from fashionrec_indexer.index_eval import (
+        NoIndexBuild,
+        evaluate_index,
+        render_table,
+        write_json,
+    )
+
+    settings = _settings()
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        result = evaluate_index(
+            engine,
+            make_blob_store(settings.storage),
+            settings.index_dir,
+            samples=samples,
+            k=k,
+            search_k=settings.search_k if search_k is None else search_k,
+            seed=seed,
+        )
+    except NoIndexBuild as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        engine.dispose()
+    render_table(result, Console())
+    if json_out is not None:
+        write_json(result, json_out)
+        typer.echo(f"wrote {json_out}")
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from fashionrec_shared.schemas import (
     IndexerHit,
     IndexerItem,
     IndexerSearchResponse,
+    IndexInfo,
     JobCreate,
     JobOut,
     RebuildAccepted,
@@ -247,7 +248,10 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
             if job_uuid is None:
                 job_uuid = repo.create_job(conn, "item")
             model_version = repo.active_model_version(conn)
-            upserted = repo.upsert_item(conn, body.metadata, body.image, model_version)
+            # During a model change the item needs a vector of the coming version too.
+            reembed = repo.open_reembed_job(conn)
+            pending = reembed.model_version if reembed is not None else None
+            upserted = repo.upsert_item(conn, body.metadata, body.image, model_version, pending)
             indexed = upserted.status == "indexed"
             repo.add_job_item(conn, job_uuid, upserted.item_id, "done" if indexed else "queued")
         if not indexed:
@@ -396,8 +400,8 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
         task_id = _send(celery, TaskName.BUILD_INDEX, BuildIndex(reason="api", force=True))
         return RebuildAccepted(task_id=task_id)
 
-    @app.get("/index")
-    def index_info(engine: EngineDep, state: StateDep) -> dict[str, Any]:
+    @app.get("/index", response_model=IndexInfo)
+    def index_info(engine: EngineDep, state: StateDep) -> IndexInfo:
         snapshot = _snapshot(state)
         with engine.connect() as conn:
             view = snapshot.delta.refresh(conn)
@@ -405,13 +409,23 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
             if snapshot.build is not None:
                 since = int(snapshot.build.manifest.get("seen_change_seq", 0))
             changed = repo.count_changed_since(conn, since)
-        model_version, _ = _active(snapshot, view)
-        return {
-            "index_version": snapshot.index_version,
-            "model_version": model_version,
-            "items_in_index": snapshot.build.size if snapshot.build else 0,
-            "items_since_build": changed,
-            "built_at": snapshot.build.manifest.get("created_at") if snapshot.build else None,
-        }
+            model_version, _ = _active(snapshot, view)
+            # A model change is pending from its job's start until its build is swapped in
+            # (a later return to an older model has no job and does not count as pending).
+            reembed = repo.latest_reembed_job(conn)
+            pending = (
+                reembed is not None
+                and reembed.model_version != model_version
+                and not repo.ready_build_since(conn, reembed.model_version, reembed.created_at)
+            )
+        return IndexInfo(
+            index_version=snapshot.index_version,
+            model_version=model_version,
+            items_in_index=snapshot.build.size if snapshot.build else 0,
+            items_since_build=changed,
+            built_at=snapshot.build.manifest.get("created_at") if snapshot.build else None,
+            pending_model_version=reembed.model_version if pending and reembed else None,
+            reembed_job_id=str(reembed.id) if pending and reembed else None,
+        )
 
     return app

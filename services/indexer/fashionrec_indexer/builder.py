@@ -58,14 +58,24 @@ def build_index(
     progress: bool = False,
     settle_s: float = SETTLE_S,
     work_dir: Path | None = None,
+    model_version: str | None = None,
 ) -> BuildResult:
-    """Build and publish an index of the newest model version; skipped when nothing changed."""
+    """Build and publish an index; skipped when nothing changed.
+
+    `model_version`: the version to build (a model change asks for the new one once every item
+    has a vector of it). None: the version served now, i.e. of the latest ready build (before
+    the first build: the newest embedding's) — so timer and threshold builds never publish a
+    version that is still being re-embedded.
+    """
     with build_lock(engine):
         with engine.connect() as conn:
-            latest = repo.latest_embedding_model(conn)
-            if latest is None:
+            target = model_version or repo.active_model_version(conn)
+            if target is None:
                 return BuildResult("skipped", "no embeddings stored yet")
-            model_version, dim = latest
+            dim = repo.model_dim(conn, target)
+            if dim is None:
+                return BuildResult("skipped", f"no embeddings of model {target} stored")
+            model_version = target
             last = repo.latest_ready_build(conn)
             newest = repo.max_change_seq(conn)
             if (

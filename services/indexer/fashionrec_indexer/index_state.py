@@ -3,6 +3,8 @@
 A `Snapshot` pairs one loaded build with the `Delta` of items changed since that build. The
 refresher thread replaces `IndexState.current` (a single attribute store, atomic under the GIL)
 when a newer build is ready; a query reads `current` once and keeps that snapshot to the end.
+A build pins its model version, so after a model change's build is swapped in, searches and the
+delta use only the new version's vectors; until then only the old one's.
 The delta is refreshed on every query with one cheap probe, so writes are visible at once and
 stale Annoy entries (deleted or re-imaged items) are masked.
 """
@@ -79,7 +81,8 @@ class Delta:
         positions: dict[uuid.UUID, int],
         settle_s: float = SETTLE_S,
     ) -> None:
-        # Without a build the model version follows the newest embedding (nothing is pinned yet).
+        # Without a build the model version follows the newest embedding (nothing is pinned
+        # yet), except a version still being re-embedded for a model change.
         self._follow_model = model_version is None
         self._base_seq = base_seq
         self._model_version = model_version
@@ -94,7 +97,7 @@ class Delta:
     def refresh(self, conn: Connection) -> DeltaView:
         with self._lock:
             if self._follow_model:
-                latest = repo.latest_embedding_model(conn)
+                latest = repo.unbuilt_model(conn)
                 model, dim = latest if latest else (None, None)
                 if model != self._model_version:
                     self._model_version, self._dim = model, dim

@@ -8,9 +8,13 @@ from dataclasses import dataclass
 
 from fashionrec_shared.tasks import StoreEmbeddings
 from fashionrec_shared.vectors import DTYPE, decode_vector
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, Row
 
 from fashionrec_indexer import repository as repo
+from fashionrec_indexer.model_change import Plan, after_reembed_store
+
+# A model change is not swapped in when more of the inventory than this failed to re-embed.
+MAX_REEMBED_FAILED_FRACTION = 0.01
 
 log = logging.getLogger("fashionrec.indexer.ingest")
 
@@ -20,10 +24,20 @@ class StoreOutcome:
     indexed: int
     failed: int
     changed_since_build: int
+    plan: Plan | None = None  # re-embed jobs: the tasks to send next
 
 
-def store_embeddings(engine: Engine, payload: StoreEmbeddings) -> StoreOutcome:
-    """Store vectors, mark items indexed/failed and finish their job entries; idempotent."""
+def store_embeddings(
+    engine: Engine,
+    payload: StoreEmbeddings,
+    *,
+    max_failed_fraction: float = MAX_REEMBED_FAILED_FRACTION,
+) -> StoreOutcome:
+    """Store vectors, mark items indexed/failed and finish their job entries; idempotent.
+
+    Results of a re-embed job (model change) only store vectors and finish the job's entries:
+    the items keep their status and stay searchable with the served version.
+    """
     job_id = repo.parse_uuid(payload.job_id) if payload.job_id else None
     rows: dict[str, dict] = {}
     successes: list[tuple[uuid.UUID, str]] = []
@@ -52,6 +66,12 @@ def store_embeddings(engine: Engine, payload: StoreEmbeddings) -> StoreOutcome:
 
     indexed = failed = 0
     with engine.begin() as conn:
+        job = repo.get_job(conn, job_id) if job_id is not None else None
+        if job is not None and job.kind == repo.REEMBED:
+            plan = _store_reembed(
+                conn, job, payload, rows, successes, failures, max_failed_fraction
+            )
+            return StoreOutcome(0, 0, 0, plan)
         repo.upsert_embeddings(conn, list(rows.values()))
         for item_id, sha in successes:
             current = repo.mark_indexed(conn, item_id, sha)
@@ -66,16 +86,51 @@ def store_embeddings(engine: Engine, payload: StoreEmbeddings) -> StoreOutcome:
     return StoreOutcome(indexed, failed, changed_since_last_build(engine))
 
 
-def give_up(engine: Engine, payload: StoreEmbeddings, reason: str) -> None:
+def _store_reembed(
+    conn: Connection,
+    job: Row,
+    payload: StoreEmbeddings,
+    rows: dict[str, dict],
+    successes: list[tuple[uuid.UUID, str]],
+    failures: list[tuple[uuid.UUID, str]],
+    max_failed_fraction: float,
+) -> Plan:
+    # Serialised with other stores of the job and with MODEL_ONLINE, so exactly one store sees
+    # the job complete.
+    repo.lock_model_change(conn)
+    repo.upsert_embeddings(conn, list(rows.values()))
+    if payload.model_version != job.model_version:
+        log.warning(
+            "re-embed job %s wants %s, got vectors of %s: stored, entries left queued",
+            job.id,
+            job.model_version,
+            payload.model_version,
+        )
+        return Plan("wrong model version", job_id=job.id)
+    before = repo.queued_count(conn, job.id)
+    for item_id, _sha in successes:
+        repo.finish_job_item(conn, job.id, item_id, "done", None)
+    for item_id, error in failures:
+        repo.finish_job_item(conn, job.id, item_id, "failed", error)
+    return after_reembed_store(conn, job, before, max_failed_fraction)
+
+
+def give_up(engine: Engine, payload: StoreEmbeddings, reason: str) -> Plan | None:
     """Poison message: record every item of the payload as failed without processing it."""
     job_id = repo.parse_uuid(payload.job_id) if payload.job_id else None
     ids = [e.item_id for e in payload.embeddings] + [f.item_id for f in payload.failures]
+    item_ids = [i for i in (repo.parse_uuid(raw) for raw in ids) if i is not None]
     with engine.begin() as conn:
-        for raw in ids:
-            item_id = repo.parse_uuid(raw)
-            if item_id is not None:
-                repo.mark_failed(conn, item_id, reason)
-                repo.finish_job_item(conn, job_id, item_id, "failed", reason)
+        job = repo.get_job(conn, job_id) if job_id is not None else None
+        if job is not None and job.kind == repo.REEMBED:
+            # The items stay served by the old model; only the job learns of the failure.
+            failures = [(item_id, reason) for item_id in item_ids]
+            empty = payload.model_copy(update={"embeddings": [], "failures": []})
+            return _store_reembed(conn, job, empty, {}, [], failures, MAX_REEMBED_FAILED_FRACTION)
+        for item_id in item_ids:
+            repo.mark_failed(conn, item_id, reason)
+            repo.finish_job_item(conn, job_id, item_id, "failed", reason)
+    return None
 
 
 def changed_since_last_build(engine: Engine) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from sqlalchemy.dialects.postgresql import insert
 from fashionrec_indexer.schema import change_seq, embeddings, index_builds, items, job_items, jobs
 
 MAX_JOB_ERRORS = 100
+REEMBED = "reembed"  # kind of the jobs that embed the inventory with a new model version
 
 
 def parse_uuid(value: str | uuid.UUID) -> uuid.UUID | None:
@@ -38,23 +39,39 @@ def latest_ready_build(conn: Connection) -> Row | None:
     ).first()
 
 
-def latest_embedding_model(conn: Connection) -> tuple[str, int] | None:
-    """(model_version, dim) of the most recently stored embedding."""
-    row = conn.execute(
-        select(embeddings.c.model_version, embeddings.c.dim)
-        .order_by(embeddings.c.created_at.desc())
-        .limit(1)
-    ).first()
+def latest_embedding_model(
+    conn: Connection, exclude: Collection[str] = ()
+) -> tuple[str, int] | None:
+    """(model_version, dim) of the most recently stored embedding, skipping `exclude`."""
+    query = select(embeddings.c.model_version, embeddings.c.dim)
+    if exclude:
+        query = query.where(embeddings.c.model_version.not_in(list(exclude)))
+    row = conn.execute(query.order_by(embeddings.c.created_at.desc()).limit(1)).first()
     return (row.model_version, row.dim) if row else None
 
 
+def unbuilt_model(conn: Connection) -> tuple[str, int] | None:
+    """The version served before the first build: the newest embedding's, except a version
+    still being re-embedded (serving it would leave out the items not embedded yet)."""
+    return latest_embedding_model(conn, exclude=reembedding_versions(conn)) or (
+        latest_embedding_model(conn)
+    )
+
+
 def active_model_version(conn: Connection) -> str | None:
-    """Model of the latest ready build, else of the most recent embedding, else None."""
+    """Model of the latest ready build, else of the newest embedding not being re-embedded."""
     build = latest_ready_build(conn)
     if build is not None:
         return build.model_version
-    latest = latest_embedding_model(conn)
+    latest = unbuilt_model(conn)
     return latest[0] if latest else None
+
+
+def model_dim(conn: Connection, model_version: str) -> int | None:
+    row = conn.execute(
+        select(embeddings.c.dim).where(embeddings.c.model_version == model_version).limit(1)
+    ).first()
+    return int(row.dim) if row else None
 
 
 def insert_build(conn: Connection, build_id: uuid.UUID, model_version: str) -> None:
@@ -114,6 +131,32 @@ def embedding_exists(conn: Connection, image_sha256: str, model_version: str | N
     )
 
 
+def items_missing_version(
+    conn: Connection, model_version: str, skip_failed_in: uuid.UUID | None = None
+) -> list[Row]:
+    """Live items whose current image has no vector of `model_version` (failed items aside).
+
+    `skip_failed_in`: also leave out items whose entry in that job failed (no endless retries).
+    """
+    query = select(items.c.id, items.c.image_key, items.c.image_sha256).where(
+        items.c.deleted_at.is_(None),
+        items.c.status != "failed",
+        ~exists().where(
+            embeddings.c.image_sha256 == items.c.image_sha256,
+            embeddings.c.model_version == model_version,
+        ),
+    )
+    if skip_failed_in is not None:
+        query = query.where(
+            ~exists().where(
+                job_items.c.job_id == skip_failed_in,
+                job_items.c.item_id == items.c.id,
+                job_items.c.status == "failed",
+            )
+        )
+    return list(conn.execute(query.order_by(items.c.id)))
+
+
 @dataclass(frozen=True)
 class Upserted:
     item_id: uuid.UUID
@@ -122,10 +165,21 @@ class Upserted:
 
 
 def upsert_item(
-    conn: Connection, metadata: ItemMetadata, image: ImageRef, model_version: str | None
+    conn: Connection,
+    metadata: ItemMetadata,
+    image: ImageRef,
+    model_version: str | None,
+    pending_version: str | None = None,
 ) -> Upserted:
-    """Insert or replace by sku: same sku keeps its id; a deleted item comes back to life."""
-    status = "indexed" if embedding_exists(conn, image.sha256, model_version) else "pending"
+    """Insert or replace by sku: same sku keeps its id; a deleted item comes back to life.
+
+    Indexed at once when the image already has a vector of `model_version` (and, during a model
+    change, of `pending_version` too), else pending until the embedder has done it.
+    """
+    embedded = embedding_exists(conn, image.sha256, model_version) and (
+        pending_version is None or embedding_exists(conn, image.sha256, pending_version)
+    )
+    status = "indexed" if embedded else "pending"
     previous = conn.execute(
         select(items.c.id, items.c.deleted_at).where(items.c.sku == metadata.sku)
     ).first()
@@ -363,12 +417,111 @@ def mark_failed(conn: Connection, item_id: uuid.UUID, error: str) -> bool:
 # ---- jobs ------------------------------------------------------------------------------------
 
 
-def create_job(conn: Connection, kind: str) -> uuid.UUID:
+def create_job(conn: Connection, kind: str, model_version: str | None = None) -> uuid.UUID:
     job_id = uuid.uuid4()
     conn.execute(
-        jobs.insert().values(id=job_id, kind=kind, created_at=func.now(), updated_at=func.now())
+        jobs.insert().values(
+            id=job_id,
+            kind=kind,
+            model_version=model_version,
+            created_at=func.now(),
+            updated_at=func.now(),
+        )
     )
     return job_id
+
+
+def get_job(conn: Connection, job_id: uuid.UUID) -> Row | None:
+    return conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+
+
+def add_job_items(conn: Connection, job_id: uuid.UUID, item_ids: Sequence[uuid.UUID]) -> None:
+    """Attach many items as queued in one statement (re-embed jobs); re-attaching requeues."""
+    if not item_ids:
+        return
+    stmt = insert(job_items).values(
+        [{"job_id": job_id, "item_id": i, "status": "queued", "error": None} for i in item_ids]
+    )
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["job_id", "item_id"], set_={"status": "queued", "error": None}
+        )
+    )
+    touch_job(conn, job_id)
+
+
+def queued_count(conn: Connection, job_id: uuid.UUID) -> int:
+    return int(
+        conn.execute(
+            select(func.count()).where(job_items.c.job_id == job_id, job_items.c.status == "queued")
+        ).scalar_one()
+    )
+
+
+def queued_items(conn: Connection, job_id: uuid.UUID) -> list[Row]:
+    """(id, image_key, image_sha256) of the job's live items still queued."""
+    return list(
+        conn.execute(
+            select(items.c.id, items.c.image_key, items.c.image_sha256)
+            .select_from(job_items.join(items, items.c.id == job_items.c.item_id))
+            .where(job_items.c.job_id == job_id, job_items.c.status == "queued")
+            .order_by(items.c.id)
+        )
+    )
+
+
+def job_idle_seconds(conn: Connection, job_id: uuid.UUID) -> float:
+    return float(
+        conn.execute(
+            select(func.extract("epoch", func.now() - jobs.c.updated_at)).where(jobs.c.id == job_id)
+        ).scalar_one()
+    )
+
+
+def _has_queued() -> Any:
+    return exists().where(job_items.c.job_id == jobs.c.id, job_items.c.status == "queued")
+
+
+def open_reembed_job(conn: Connection, model_version: str | None = None) -> Row | None:
+    """The newest re-embed job with entries still queued (of `model_version` if given)."""
+    query = select(jobs).where(jobs.c.kind == REEMBED, _has_queued())
+    if model_version is not None:
+        query = query.where(jobs.c.model_version == model_version)
+    return conn.execute(query.order_by(jobs.c.created_at.desc()).limit(1)).first()
+
+
+def reembedding_versions(conn: Connection) -> set[str]:
+    """Versions with a re-embed job under way: not servable yet."""
+    rows = conn.execute(
+        select(jobs.c.model_version).where(jobs.c.kind == REEMBED, _has_queued()).distinct()
+    )
+    return {row.model_version for row in rows if row.model_version}
+
+
+def ready_build_since(conn: Connection, model_version: str, since: Any) -> bool:
+    """Whether a build of `model_version` became ready after `since`."""
+    return bool(
+        conn.execute(
+            select(
+                exists().where(
+                    index_builds.c.status == "ready",
+                    index_builds.c.model_version == model_version,
+                    index_builds.c.finished_at > since,
+                )
+            )
+        ).scalar_one()
+    )
+
+
+def latest_reembed_job(conn: Connection) -> Row | None:
+    return conn.execute(
+        select(jobs).where(jobs.c.kind == REEMBED).order_by(jobs.c.created_at.desc()).limit(1)
+    ).first()
+
+
+def lock_model_change(conn: Connection) -> None:
+    """Transaction advisory lock: one model-change decision at a time across processes."""
+    conn.execute(text("SELECT pg_advisory_xact_lock(7423003)"))
 
 
 def job_exists(conn: Connection, job_id: uuid.UUID) -> bool:

@@ -72,6 +72,7 @@ jobs = Table(
     metadata,
     Column("id", UUID(as_uuid=True), primary_key=True),
     Column("kind", String(32), nullable=False),
+    Column("model_version", String(128)),  # re-embed jobs: the version they embed with
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )

@@ -1,4 +1,4 @@
-"""Celery app of the indexer worker: STORE_EMBEDDINGS, BUILD_INDEX and the timed rebuild.
+"""Celery app of the indexer worker: STORE_EMBEDDINGS, BUILD_INDEX, MODEL_ONLINE, timed rebuilds.
 
 Resources (engine, Redis, blob store) are created per process: in `worker_process_init` for
 prefork children, else lazily on first use, never at import (a forked child must not share the
@@ -24,7 +24,7 @@ from fashionrec_shared.celery_app import (
     send,
 )
 from fashionrec_shared.storage import BlobStore, StorageUnavailable, make_blob_store
-from fashionrec_shared.tasks import BuildIndex, Queue, StoreEmbeddings, TaskName
+from fashionrec_shared.tasks import BuildIndex, ModelOnline, Queue, StoreEmbeddings, TaskName
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import Engine
@@ -33,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from fashionrec_indexer.builder import build_index
 from fashionrec_indexer.db import make_engine
 from fashionrec_indexer.ingest import give_up, store_embeddings
+from fashionrec_indexer.model_change import Plan, model_online
 from fashionrec_indexer.settings import IndexerSettings
 
 log = logging.getLogger("fashionrec.indexer.worker")
@@ -40,6 +41,9 @@ log = logging.getLogger("fashionrec.indexer.worker")
 TRANSIENT = (StorageUnavailable, RedisConnectionError, KombuOperationalError, OperationalError)
 TASK_OPTIONS: dict[str, Any] = {
     "bind": True,
+    # The tasks are closures over this app's resources: never register them in other apps
+    # (Celery's default), or a second app in one process would run the first one's.
+    "shared": False,
     "acks_late": True,
     "reject_on_worker_lost": True,
     "autoretry_for": TRANSIENT,
@@ -51,6 +55,28 @@ TASK_OPTIONS: dict[str, Any] = {
 # Many STORE_EMBEDDINGS crossing the threshold at once should request one build, not hundreds.
 BUILD_REQUESTED_KEY = "fashionrec:indexer:build-requested"
 BUILD_REQUEST_TTL_S = 60
+# Every embedder process announces its model; one model-change build request is enough.
+MODEL_BUILD_REQUESTED_KEY = "fashionrec:indexer:model-build-requested:{model_version}"
+
+
+def send_plan(app: Celery, client: redis.Redis, plan: Plan | None) -> dict[str, Any]:
+    """Send what a model-change decision asks for (after its transaction committed)."""
+    if plan is None:
+        return {}
+    for payload in plan.embed:
+        send(app, TaskName.EMBED_ITEMS, payload)
+    build_sent = False
+    if plan.build is not None:
+        key = MODEL_BUILD_REQUESTED_KEY.format(model_version=plan.build.model_version)
+        if client.set(key, "1", nx=True, ex=BUILD_REQUEST_TTL_S):
+            send(app, TaskName.BUILD_INDEX, plan.build)
+            build_sent = True
+    return {
+        "detail": plan.detail,
+        "job_id": str(plan.job_id) if plan.job_id else None,
+        "embed_tasks": len(plan.embed),
+        "build_requested": build_sent,
+    }
 
 
 class Resources:
@@ -118,9 +144,11 @@ def create_worker_app(settings: IndexerSettings) -> Celery:
             log.error(
                 "store_embeddings %s: poison after %d deliveries", self.request.id, deliveries
             )
-            give_up(resources.engine, data, f"gave up after {deliveries - 1} deliveries")
-            return {"status": "poison"}
+            plan = give_up(resources.engine, data, f"gave up after {deliveries - 1} deliveries")
+            return {"status": "poison", **send_plan(app, resources.redis, plan)}
         outcome = store_embeddings(resources.engine, data)
+        if outcome.plan is not None:  # a re-embed job (model change)
+            return {"status": "ok", **send_plan(app, resources.redis, outcome.plan)}
         build_requested = False
         if outcome.changed_since_build >= settings.rebuild_min_new and resources.redis.set(
             BUILD_REQUESTED_KEY, "1", nx=True, ex=BUILD_REQUEST_TTL_S
@@ -148,8 +176,19 @@ def create_worker_app(settings: IndexerSettings) -> Celery:
             force=data.force,
             reason=data.reason,
             settle_s=settings.settle_s,
+            model_version=data.model_version,
         )
         build_id = result.manifest["build_id"] if result.manifest else None
         return {"status": result.status, "detail": result.detail, "build_id": build_id}
+
+    @app.task(name=str(TaskName.MODEL_ONLINE), **TASK_OPTIONS)
+    def model_online_task(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+        data = ModelOnline.model_validate(payload)
+        deliveries = delivery_count(resources.redis, self.request.id)
+        if deliveries > MAX_DELIVERIES:
+            log.error("model_online %s: poison after %d deliveries", self.request.id, deliveries)
+            return {"status": "poison"}
+        plan = model_online(resources.engine, data)
+        return {"status": "ok", **send_plan(app, resources.redis, plan)}
 
     return app

@@ -15,6 +15,7 @@ from fashionrec_gateway.deps import (
     MetricsDep,
     QueryCacheDep,
     QueryEmbedderDep,
+    ServingVersionDep,
     SettingsDep,
 )
 from fashionrec_gateway.embedding import QueryEmbedder, QueryVectorCache
@@ -27,6 +28,10 @@ from fashionrec_gateway.validation import validate_upload
 
 router = APIRouter(prefix="/v1", tags=["search"])
 
+# Re-embeds after a 409: one for a changed model version, a second only if the served version
+# changed again during the request.
+MAX_REEMBEDS = 2
+
 
 def _embed(
     ref: ImageRef,
@@ -34,14 +39,15 @@ def _embed(
     cache: QueryVectorCache,
     metrics: GatewayMetrics,
     timeout_s: float,
-    use_cache: bool = True,
+    model_version: str | None,
 ) -> EmbedQueryResult:
-    cached = cache.get(ref.sha256) if use_cache else None
+    """The query vector of `model_version` (cached per version); None: the embedder's choice."""
+    cached = cache.get(model_version, ref.sha256) if model_version else None
     if cached is not None:
         metrics.query_cache.labels("hit").inc()
         return cached
     metrics.query_cache.labels("miss").inc()
-    result = embedder(ref, timeout_s)
+    result = embedder(ref, timeout_s, model_version)
     cache.put(ref.sha256, result)
     return result
 
@@ -61,6 +67,7 @@ def search(
     indexer: IndexerDep,
     embedder: QueryEmbedderDep,
     cache: QueryCacheDep,
+    serving: ServingVersionDep,
     metrics: MetricsDep,
     k: K = 5,
     category: Category = None,
@@ -74,21 +81,29 @@ def search(
     with timer.stage("store"):
         ref = store_image(store, "uploads", checked)
 
-    def run(use_cache: bool) -> IndexerSearchResponse:
+    def run(model_version: str | None) -> IndexerSearchResponse:
         with timer.stage("embed"):
-            vector = _embed(ref, embedder, cache, metrics, settings.embed_timeout_s, use_cache)
+            vector = _embed(ref, embedder, cache, metrics, settings.embed_timeout_s, model_version)
         query = VectorQuery(
             vector=vector.vector, model_version=vector.model_version, k=k, filters=filters
         )
         with timer.stage("search"):
             return indexer.search(query)
 
-    try:
-        found = run(use_cache=True)
-    except IndexerConflict:
-        # The embedder's model changed since this vector was made: embed again, once.
-        metrics.reembeds.inc()
-        cache.drop(ref.sha256)
-        found = run(use_cache=False)
+    version, named = serving.value, None
+    for attempt in range(MAX_REEMBEDS + 1):
+        try:
+            found = run(version)
+            break
+        except IndexerConflict as conflict:
+            # The index serves another model version (a model change was swapped in, or this
+            # process has not seen an answer yet): embed again with the version it names. Once,
+            # unless the served version moved again meanwhile (a swap during this request).
+            serving.update(conflict.model_version)
+            if attempt == MAX_REEMBEDS or (attempt > 0 and conflict.model_version == named):
+                raise
+            named = version = conflict.model_version
+            metrics.reembeds.inc()
+    serving.update(found.model_version)
     response.headers["Server-Timing"] = timer.header()
     return to_response(found, public_base(request, settings))

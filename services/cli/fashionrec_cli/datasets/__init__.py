@@ -1,0 +1,1 @@
+"""Public-dataset layouts filled with synthetic images (for evaluation tests and dry runs)."""

@@ -1,0 +1,330 @@
+"""The serving artifact of a trained model: a directory that loads without pickle or fastai.
+
+    <dir>/model.safetensors   the MultiTaskNet state_dict (tensors only: nothing is executed)
+    <dir>/config.json         what the tensors mean, how to feed them, and the model version
+
+config.json (format_version 1):
+
+    {"format": "fashionrec-model", "format_version": 1, "architecture": "resnet50-multitask",
+     "heads": [{"name": "category", "kind": "single_label", "classes": [...]},
+               {"name": "texture", "kind": "multi_label", "classes": [...]}, ...],
+     "embedding": {"kind": "heads" | "pooled", "dim": 512 * len(heads) | 2048},
+     "preprocessing": {"image_size": 224, "mean": [...], "std": [...],
+                       "resize": "shorter-side, center crop"},
+     "attribute_threshold": 0.5,
+     "training": {"epochs": ..., "metrics": {...}, ...},
+     "model_version": "ft-<12 hex>-heads"}
+
+model_version = "ft-" + the first 12 hex digits of sha256(safetensors bytes + canonical JSON of
+the config without model_version) + "-" + embedding kind. It names the content, so any change of
+weights, classes, preprocessing or embedding kind gives a new version, and `load_artifact`
+refuses a directory whose files no longer match the version they claim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fashionrec_embedder.network import (
+    EMBEDDING_KINDS,
+    HEAD_KINDS,
+    HeadSpec,
+    MultiTaskNet,
+    embedding_dim,
+)
+from fashionrec_embedder.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from fashionrec_embedder.weights import WeightsError, new_backbone
+
+FORMAT = "fashionrec-model"
+FORMAT_VERSION = 1
+ARCHITECTURE = "resnet50-multitask"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+RESIZE = "shorter-side, center crop"
+
+
+class ArtifactError(WeightsError):
+    """The artifact directory is missing, malformed, tampered with or does not fit the network."""
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: metrics that are not finite become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
+
+
+def content_version(weights: bytes, config: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in config.items() if k != "model_version"}
+    digest = hashlib.sha256(weights + canonical_json(body)).hexdigest()
+    return f"ft-{digest[:12]}-{config['embedding']['kind']}"
+
+
+def build_config(
+    heads: list[HeadSpec],
+    *,
+    embedding: str,
+    image_size: int,
+    attribute_threshold: float = 0.5,
+    training: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The config without model_version (added by `write_artifact`)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": ARCHITECTURE,
+        "heads": [h.to_json() for h in heads],
+        "embedding": {"kind": embedding, "dim": embedding_dim(embedding, len(heads))},
+        "preprocessing": {
+            "image_size": int(image_size),
+            "mean": [round(float(v), 6) for v in IMAGENET_MEAN],
+            "std": [round(float(v), 6) for v in IMAGENET_STD],
+            "resize": RESIZE,
+        },
+        "attribute_threshold": float(attribute_threshold),
+        "training": _finite(dict(training or {})),
+    }
+
+
+def _fail(where: Path, problem: str) -> ArtifactError:
+    return ArtifactError(f"model artifact {where}: {problem}")
+
+
+def validate_config(config: Any, where: Path) -> list[HeadSpec]:
+    """Check every field serving relies on; returns the head specs."""
+    if not isinstance(config, dict):
+        raise _fail(where, "config.json must hold a JSON object")
+    if config.get("format") != FORMAT:
+        raise _fail(
+            where,
+            f"config.json has format {config.get('format')!r}, expected {FORMAT!r} "
+            "(is this a fashionrec model directory written by `fashionrec-embedder train`?)",
+        )
+    if config.get("format_version") != FORMAT_VERSION:
+        raise _fail(
+            where,
+            f"unsupported format_version {config.get('format_version')!r}; this embedder reads "
+            f"format_version {FORMAT_VERSION}",
+        )
+    if config.get("architecture") != ARCHITECTURE:
+        raise _fail(where, f"unknown architecture {config.get('architecture')!r}")
+    raw_heads = config.get("heads")
+    if not isinstance(raw_heads, list) or not raw_heads:
+        raise _fail(where, "'heads' must be a non-empty list")
+    heads: list[HeadSpec] = []
+    for i, head in enumerate(raw_heads):
+        if not isinstance(head, dict):
+            raise _fail(where, f"heads[{i}] must be an object")
+        name, kind, classes = head.get("name"), head.get("kind"), head.get("classes")
+        if not isinstance(name, str) or not name:
+            raise _fail(where, f"heads[{i}] needs a non-empty 'name'")
+        if kind not in HEAD_KINDS:
+            raise _fail(where, f"head {name!r} has kind {kind!r}; expected one of {HEAD_KINDS}")
+        if (
+            not isinstance(classes, list)
+            or not classes
+            or not all(isinstance(c, str) for c in classes)
+        ):
+            raise _fail(where, f"head {name!r} needs 'classes', a non-empty list of strings")
+        heads.append(HeadSpec(name, kind, tuple(classes)))
+    embedding = config.get("embedding")
+    if not isinstance(embedding, dict) or embedding.get("kind") not in EMBEDDING_KINDS:
+        raise _fail(where, f"'embedding.kind' must be one of {EMBEDDING_KINDS}")
+    expected_dim = embedding_dim(embedding["kind"], len(heads))
+    if embedding.get("dim") != expected_dim:
+        raise _fail(
+            where,
+            f"embedding dim {embedding.get('dim')!r} does not match kind "
+            f"{embedding['kind']!r} with {len(heads)} heads (expected {expected_dim})",
+        )
+    prep = config.get("preprocessing")
+    if not isinstance(prep, dict):
+        raise _fail(where, "'preprocessing' must be an object")
+    size = prep.get("image_size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= 1024:
+        raise _fail(where, f"preprocessing.image_size {size!r} must be a whole number 32..1024")
+    for key, expected in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        value = prep.get(key)
+        if not (
+            isinstance(value, list)
+            and len(value) == 3
+            and all(isinstance(v, int | float) for v in value)
+            and all(abs(float(a) - float(b)) < 1e-4 for a, b in zip(value, expected, strict=True))
+        ):
+            # The serving preprocessing normalises with ImageNet statistics only.
+            raise _fail(where, f"preprocessing.{key} {value!r} is not ImageNet's {expected}")
+    if prep.get("resize") != RESIZE:
+        raise _fail(where, f"preprocessing.resize {prep.get('resize')!r} is not {RESIZE!r}")
+    threshold = config.get("attribute_threshold")
+    if not isinstance(threshold, int | float) or not 0.0 < float(threshold) < 1.0:
+        raise _fail(where, f"attribute_threshold {threshold!r} must be between 0 and 1")
+    if not isinstance(config.get("model_version"), str):
+        raise _fail(where, "config.json has no 'model_version'")
+    return heads
+
+
+def artifact_dir(path: Path | str) -> Path:
+    """The artifact directory for a path to it or to its config.json."""
+    path = Path(path).expanduser()
+    return path.parent if path.name == CONFIG_NAME and path.is_file() else path
+
+
+def is_artifact(path: Path | str) -> bool:
+    path = Path(path).expanduser()
+    return (path.is_dir() and (path / CONFIG_NAME).is_file()) or (
+        path.name == CONFIG_NAME and path.is_file()
+    )
+
+
+def read_config(path: Path | str) -> dict[str, Any]:
+    """Read and validate config.json (does not read the weights)."""
+    where = artifact_dir(path)
+    config_path = where / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise _fail(where, f"no {CONFIG_NAME} in the directory") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(where, f"cannot read {CONFIG_NAME}: {exc}") from exc
+    validate_config(config, where)
+    return config
+
+
+def read_weights(path: Path | str, config: Mapping[str, Any]) -> bytes:
+    """The safetensors bytes, checked against the model_version the config claims."""
+    where = artifact_dir(path)
+    try:
+        data = (where / WEIGHTS_NAME).read_bytes()
+    except OSError as exc:
+        raise _fail(where, f"cannot read {WEIGHTS_NAME}: {exc}") from exc
+    expected = content_version(data, config)
+    if config["model_version"] != expected:
+        raise _fail(
+            where,
+            f"model_version {config['model_version']!r} does not match the content "
+            f"({expected!r}): config.json or {WEIGHTS_NAME} was changed after export. "
+            "Export the model again instead of editing its files",
+        )
+    return data
+
+
+# ---- export / load --------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_artifact(out_dir: Path | str, weights: bytes, config: Mapping[str, Any]) -> dict:
+    """Write weights + config (model_version computed here) into `out_dir`; returns the config."""
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    final = {k: v for k, v in config.items() if k != "model_version"}
+    final["model_version"] = content_version(weights, final)
+    validate_config(final, out)
+    _write_atomic(out / WEIGHTS_NAME, weights)
+    text = json.dumps(final, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    _write_atomic(out / CONFIG_NAME, text.encode())
+    return final
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header keys sorted.
+
+    safetensors writes the header from a hash map, so the same tensors can give different bytes
+    from run to run; sorting makes the bytes (and so the model_version) a function of the
+    content. The tensor data and its offsets are unchanged; the header stays space-padded to 8.
+    """
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
+
+
+def state_dict_bytes(model: MultiTaskNet) -> bytes:
+    from safetensors.torch import save
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return _canonical_header(save(state, metadata={"format": "pt", "fashionrec": FORMAT}))
+
+
+def export_artifact(
+    model: MultiTaskNet,
+    out_dir: Path | str,
+    *,
+    embedding: str = "heads",
+    image_size: int = 224,
+    attribute_threshold: float = 0.5,
+    training: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Save `model` as a serving artifact; returns the written config."""
+    config = build_config(
+        model.heads_spec,
+        embedding=embedding,
+        image_size=image_size,
+        attribute_threshold=attribute_threshold,
+        training=training,
+    )
+    return write_artifact(out_dir, state_dict_bytes(model), config)
+
+
+def reexport(src: Path | str, out_dir: Path | str, *, embedding: str) -> dict[str, Any]:
+    """Copy an artifact with another embedding kind (same weights, new model_version)."""
+    config = read_config(src)
+    weights = read_weights(src, config)
+    heads = validate_config(config, artifact_dir(src))
+    config = dict(config)
+    config["embedding"] = {"kind": embedding, "dim": embedding_dim(embedding, len(heads))}
+    return write_artifact(out_dir, weights, config)
+
+
+def load_artifact(path: Path | str) -> tuple[MultiTaskNet, dict[str, Any]]:
+    """Load an exported model on CPU in eval mode; never unpickles anything."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    where = artifact_dir(path)
+    config = read_config(where)
+    heads = validate_config(config, where)
+    data = read_weights(where, config)
+    try:
+        state = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise _fail(where, f"{WEIGHTS_NAME} is not a valid safetensors file: {exc}") from exc
+    model = MultiTaskNet(new_backbone(), heads)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise _fail(
+            where, f"{WEIGHTS_NAME} does not fit the network config.json describes: {exc}"
+        ) from exc
+    return model.eval(), config

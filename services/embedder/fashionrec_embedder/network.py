@@ -1,0 +1,101 @@
+"""The multi-task network of the paper, in plain torch (training and serving share it).
+
+A torchvision ResNet50 body up to global average pooling (2048-d) feeds one single-label
+category head and one multi-label head per attribute type. Every head is fastai's
+`create_head` on average pooling: BatchNorm1d(2048) → Dropout → Linear(2048→512) → ReLU →
+BatchNorm1d(512) → Dropout → Linear(512→classes). Its 512-d penultimate activations (the input of
+the last Dropout/Linear) are what the paper uses as the garment's embedding.
+
+Serving imports this module, so it must never import fastai.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from fashionrec_embedder.weights import EMBEDDING_DIM
+
+HEAD_DIM = 512
+EmbeddingKind = Literal["heads", "pooled"]
+EMBEDDING_KINDS: tuple[str, ...] = ("heads", "pooled")
+HeadKind = Literal["single_label", "multi_label"]
+HEAD_KINDS: tuple[str, ...] = ("single_label", "multi_label")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One output head: `category` (single_label) or an attribute type (multi_label)."""
+
+    name: str
+    kind: HeadKind
+    classes: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "kind": self.kind, "classes": list(self.classes)}
+
+
+def embedding_dim(kind: str, n_heads: int) -> int:
+    if kind == "pooled":
+        return EMBEDDING_DIM
+    if kind == "heads":
+        return HEAD_DIM * n_heads
+    raise ValueError(f"unknown embedding kind {kind!r}; use one of {EMBEDDING_KINDS}")
+
+
+class Head(nn.Module):
+    def __init__(self, n_classes: int, dropout: float = 0.5) -> None:
+        super().__init__()
+        # The leading BatchNorm standardises each pooled feature: a body's features share large
+        # offsets that would otherwise swamp what tells garments apart.
+        self.features = nn.Sequential(
+            nn.BatchNorm1d(EMBEDDING_DIM),
+            nn.Dropout(dropout / 2),
+            nn.Linear(EMBEDDING_DIM, HEAD_DIM),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm1d(HEAD_DIM),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(HEAD_DIM, n_classes)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.features(pooled)))
+
+
+class MultiTaskNet(nn.Module):
+    """`body`: a module mapping images to (N, 2048) pooled features (ResNet50 with fc=Identity)."""
+
+    def __init__(self, body: nn.Module, heads_spec: list[HeadSpec], dropout: float = 0.5) -> None:
+        super().__init__()
+        if not heads_spec:
+            raise ValueError("MultiTaskNet needs at least one head")
+        self.body = body
+        self.heads_spec = list(heads_spec)
+        # A ModuleList (not a dict): head names are free text, state_dict keys stay heads.<i>.*
+        self.heads = nn.ModuleList(Head(len(spec.classes), dropout) for spec in heads_spec)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pooled = self.body(x)
+        return tuple(head(pooled) for head in self.heads)
+
+    def embed(self, x: torch.Tensor, kind: str = "heads") -> torch.Tensor:
+        """L2-normalised float32 embeddings (call in eval mode)."""
+        pooled = self.body(x).float()
+        if kind == "pooled":
+            return nn.functional.normalize(pooled, p=2.0, dim=1)
+        if kind != "heads":
+            raise ValueError(f"unknown embedding kind {kind!r}; use one of {EMBEDDING_KINDS}")
+        # Each head's block is normalised first so every head weighs the same in the cosine.
+        blocks = [
+            nn.functional.normalize(head.features(pooled).float(), p=2.0, dim=1)
+            for head in self.heads
+        ]
+        return nn.functional.normalize(torch.cat(blocks, dim=1), p=2.0, dim=1)
+
+
+def body_and_heads(model: MultiTaskNet) -> list[list[nn.Parameter]]:
+    """Parameter groups for discriminative learning rates: body first, heads last."""
+    return [list(model.body.parameters()), list(model.heads.parameters())]

@@ -1,0 +1,157 @@
+"""Quality and speed of the LIVE index: Annoy's top-k against exact top-k over the same build.
+
+The latest ready build is loaded the way the API loads it (fetched from object storage into
+index_dir, checksums verified, Annoy and vectors.npy mmapped). N stored vectors, drawn with a
+seed, serve as queries; each query's own entry is left out of both answers (as /similar does),
+so a perfect index scores 1.0 without the trivial self-match.
+
+recall@k = mean over queries of |annoy_k ∩ exact_k| / k, where an Annoy result also counts when
+its exact cosine equals the k-th exact cosine (within 1e-6): with tied scores any of the tied
+items is a correct answer. Latencies are wall times of one query each (Annoy with search_k;
+exact = one matrix-vector product over all vectors plus a partial sort).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fashionrec_shared.storage import BlobStore
+from sqlalchemy import Engine
+
+from fashionrec_indexer import repository as repo
+from fashionrec_indexer.index_files import LoadedIndex, fetch, open_build
+
+TIE_EPS = 1e-6
+WARMUP_QUERIES = 10  # page in the mmapped files before timing
+
+
+class NoIndexBuild(RuntimeError):
+    """There is no ready index build to evaluate."""
+
+
+def load_latest_build(engine: Engine, store: BlobStore, index_dir: Path) -> LoadedIndex:
+    """The latest ready build, fetched and verified into index_dir (as the API does)."""
+    with engine.connect() as conn:
+        latest = repo.latest_ready_build(conn)
+    if latest is None:
+        raise NoIndexBuild(
+            "no index build is ready yet: add items and wait for a build, or run "
+            "`fashionrec-indexer rebuild`"
+        )
+    return open_build(fetch(store, str(latest.id), Path(index_dir)))
+
+
+def _best(scores: np.ndarray, k: int) -> np.ndarray:
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.argsort(-scores[part], kind="stable")]
+
+
+def _ms(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)) * 1000.0, 4)
+
+
+def evaluate_build(
+    build: LoadedIndex, samples: int = 200, k: int = 5, search_k: int = -1, seed: int = 0
+) -> dict[str, Any]:
+    """Recall@k of Annoy vs exact search and per-query latencies on `samples` stored vectors."""
+    if k < 1 or samples < 1:
+        raise ValueError("k and samples must be >= 1")
+    if build.annoy is None or build.size < 2:
+        raise NoIndexBuild(f"index build {build.build_id} has {build.size} items: nothing to rank")
+    k_eff = min(k, build.size - 1)  # the query's own entry is left out
+    rng = np.random.default_rng(seed)
+    positions = rng.choice(build.size, size=min(samples, build.size), replace=False)
+    vectors = build.vectors
+    queries = [np.ascontiguousarray(vectors[p], dtype=np.float32) for p in positions]
+    for query in queries[:WARMUP_QUERIES]:
+        build.annoy.get_nns_by_vector(query, k_eff + 1, search_k=search_k)
+        np.asarray(vectors) @ query
+    annoy_s: list[float] = []
+    exact_s: list[float] = []
+    recalls: list[float] = []
+    short = 0
+    for position, query in zip(positions, queries, strict=True):
+        t0 = time.perf_counter()
+        found = build.annoy.get_nns_by_vector(query, k_eff + 1, search_k=search_k)
+        t1 = time.perf_counter()
+        scores = np.asarray(vectors) @ query
+        scores[position] = -np.inf
+        exact = _best(scores, k_eff)
+        t2 = time.perf_counter()
+        annoy_s.append(t1 - t0)
+        exact_s.append(t2 - t1)
+        answer = [p for p in found if p != position][:k_eff]
+        short += len(answer) < k_eff
+        threshold = scores[exact[-1]] - TIE_EPS
+        recalls.append(sum(scores[p] >= threshold for p in answer) / k_eff)
+    manifest = build.manifest
+    return {
+        "build_id": build.build_id,
+        "model_version": manifest.get("model_version"),
+        "built_at": manifest.get("created_at"),
+        "items": build.size,
+        "dim": build.dim,
+        "n_trees": manifest.get("n_trees"),
+        "search_k": search_k,
+        "k": k_eff,
+        "samples": len(positions),
+        "seed": seed,
+        f"recall@{k_eff}": float(np.mean(recalls)),
+        "recall": float(np.mean(recalls)),
+        "min_recall": float(np.min(recalls)),
+        "annoy_short_answers": int(short),
+        "annoy_ms_median": _ms(annoy_s, 50),
+        "annoy_ms_p95": _ms(annoy_s, 95),
+        "exact_ms_median": _ms(exact_s, 50),
+        "exact_ms_p95": _ms(exact_s, 95),
+    }
+
+
+def evaluate_index(
+    engine: Engine,
+    store: BlobStore,
+    index_dir: Path,
+    *,
+    samples: int = 200,
+    k: int = 5,
+    search_k: int = -1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Load the latest ready build and evaluate it (see evaluate_build)."""
+    started = time.perf_counter()
+    build = load_latest_build(engine, store, index_dir)
+    result = evaluate_build(build, samples=samples, k=k, search_k=search_k, seed=seed)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def write_json(result: dict[str, Any], path: Path | str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def render_table(result: dict[str, Any], console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"Index {result['build_id']} ({result['model_version']})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row(f"recall@{result['k']} (Annoy vs exact)", f"{result['recall']:.4f}")
+    table.add_row("min recall over queries", f"{result['min_recall']:.4f}")
+    table.add_row(
+        "Annoy ms median / p95", f"{result['annoy_ms_median']} / {result['annoy_ms_p95']}"
+    )
+    table.add_row(
+        "exact ms median / p95", f"{result['exact_ms_median']} / {result['exact_ms_p95']}"
+    )
+    table.add_section()
+    for key in ("items", "dim", "n_trees", "search_k", "samples", "annoy_short_answers"):
+        table.add_row(key, str(result[key]))
+    console.print(table)
