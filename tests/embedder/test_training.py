@@ -30,11 +30,12 @@ SIZE = 64
 def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     root = tmp_path_factory.mktemp("deepfashion")
     write_deepfashion_attributes(root, 320, seed=1, size=SIZE)
-    # A random body gives informative but unnormalised features; three frozen epochs teach the
-    # heads reliably (measured: category accuracy 0.4-0.6 against a majority share <= 0.21).
+    # The budget: two epochs. A random body gives informative but unnormalised features;
+    # two frozen epochs teach the heads reliably (measured on dataset seeds 1-3: category
+    # accuracy 0.44, 0.62, 0.42 against majority shares 0.17, 0.17, 0.21).
     options = TrainOptions(
         epochs=0,
-        freeze_epochs=3,
+        freeze_epochs=2,
         image_size=SIZE,
         batch_size=16,
         weights="random:0",
@@ -73,14 +74,18 @@ def test_epoch_table_is_printed_and_written_in_the_papers_form(trained: TrainRes
             "time",
         )
     )
-    assert [r[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert [r[0] for r in rows[1:]] == ["0", "1"]
     assert all(float(r[2]) > 0 for r in rows[1:])
     printed = trained.lines  # type: ignore[attr-defined]
     assert any(line.split()[: len(COLUMNS)] == list(COLUMNS) for line in printed)
-    assert sum(1 for line in printed if line.split() and line.split()[0] in "012") >= 3
+    assert sum(1 for line in printed if line.split() and line.split()[0] in "01") >= 2
     config = read_config(trained.out)
-    assert config["training"]["epochs"] == 3
-    assert config["training"]["metrics"]["valid_loss"] == pytest.approx(float(rows[-1][2]))
+    assert config["training"]["epochs"] == 2
+    # The exported weights are those of the epoch with the lowest validation loss.
+    losses = [float(r[2]) for r in rows[1:]]
+    exported = config["training"]["exported_epoch"]
+    assert losses[exported] == min(losses)
+    assert config["training"]["metrics"]["valid_loss"] == pytest.approx(losses[exported])
     assert [h["name"] for h in config["heads"]] == [
         "category",
         "texture",
@@ -145,6 +150,8 @@ def test_cli_fine_tunes_frozen_then_unfrozen_and_exports(
         "1e-3",
         "--device",
         "cpu",
+        "--keep",
+        "last",  # export the unfrozen epoch even if it validates worse
     ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output

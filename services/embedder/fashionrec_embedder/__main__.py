@@ -224,12 +224,18 @@ def train(
     workers: Annotated[
         int | None, typer.Option(min=0, help="data loader processes (default: 0 on CPU)")
     ] = None,
+    keep: Annotated[
+        str, typer.Option(help="export the epoch with the lowest valid_loss (best) or the last")
+    ] = "best",
 ) -> None:
     """Fine-tune the multi-task ResNet50 (category + attribute heads) with fastai and export it
     to OUT (config.json + model.safetensors + history.csv); serve it with --weights OUT."""
     from fashionrec_embedder.weights import WeightsError
 
     _check_embedding(embedding)
+    if keep not in ("best", "last"):
+        typer.echo("error: --keep must be best or last", err=True)
+        raise typer.Exit(2)
     if not 0.0 < threshold < 1.0:
         typer.echo("error: --threshold must be between 0 and 1", err=True)
         raise typer.Exit(2)
@@ -259,6 +265,7 @@ def train(
         device=device,
         num_workers=workers,
         cache_dir=settings.cache_dir,
+        keep=keep,
     )
     if epochs + freeze_epochs == 0:
         typer.echo("error: nothing to train (--epochs 0 --freeze-epochs 0)", err=True)

@@ -194,6 +194,46 @@ class EpochTable(Callback):
             writer.writerows([[_cell(r[c]) for c in COLUMNS] for r in self.rows])
 
 
+class KeepBest(Callback):
+    """Remembers the weights of the epoch with the lowest validation loss; `restore()` puts them
+    back before export. Kept in memory (no checkpoint pickles), so an epoch that overfits, or an
+    unfrozen epoch that upsets a weak body's BatchNorm statistics, never reaches the artifact.
+    """
+
+    order = Recorder.order + 1  # after the Recorder has the epoch's validation loss
+
+    def __init__(self) -> None:
+        self.best_loss = float("inf")
+        self.best_epoch: int | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+        self._epoch = -1  # numbered across the frozen and unfrozen stages, like EpochTable
+        self._trained = False
+
+    def before_epoch(self) -> None:
+        self._trained = False
+
+    def before_train(self) -> None:
+        self._trained = True
+
+    def after_epoch(self) -> None:
+        if not self._trained:  # `Learner.validate()` runs epoch events too
+            return
+        self._epoch += 1
+        recorder = self.learn.recorder
+        valid_loss = float(
+            dict(zip(recorder.metric_names, recorder.log, strict=False))["valid_loss"]
+        )
+        if valid_loss < self.best_loss:
+            self.best_loss, self.best_epoch = valid_loss, self._epoch
+            self._state = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.learn.model.state_dict().items()
+            }
+
+    def restore(self) -> None:
+        if self._state is not None:
+            self.learn.model.load_state_dict(self._state)
+
+
 class FrozenBodyStatistics(Callback):
     """While the body is frozen, its BatchNorm layers keep their running statistics (eval mode).
 
@@ -237,7 +277,7 @@ def build_learner(
         splitter=body_and_heads,
         path=out,
         model_dir=".",
-        cbs=[FrozenBodyStatistics(), table],
+        cbs=[FrozenBodyStatistics(), table, KeepBest()],
     )
     learn.remove_cb(ProgressCallback)  # the EpochTable prints; no per-batch bar in logs
     learn.logger = noop

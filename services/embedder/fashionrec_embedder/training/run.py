@@ -39,6 +39,7 @@ class TrainOptions:
     device: str = "auto"
     num_workers: int | None = None  # None: 0 on CPU, up to 8 on CUDA
     augment: bool = True
+    keep: str = "best"  # export the epoch with the lowest valid_loss ("best") or the "last"
     cache_dir: Path = Path("~/.cache/fashionrec")
 
 
@@ -103,11 +104,18 @@ def train(
     started = time.perf_counter()
     fine_tune(learn, opts.epochs, opts.freeze_epochs, opts.lr)
     seconds = time.perf_counter() - started
+    best = learn.keep_best
+    exported_epoch = len(table.rows) - 1 if table.rows else None
+    if opts.keep == "best" and best.best_epoch is not None:
+        best.restore()
+        exported_epoch = best.best_epoch
+        echo(f"exporting epoch {exported_epoch} (lowest valid_loss {best.best_loss:.4f})")
     n_epochs = opts.epochs + opts.freeze_epochs
     if device.type == "cuda":
         learn.to_fp32()
     model = learn.model.to("cpu").eval()
-    final = {k: v for k, v in (table.rows[-1] if table.rows else {}).items() if k != "epoch"}
+    chosen = table.rows[exported_epoch] if exported_epoch is not None else {}
+    final = {k: v for k, v in chosen.items() if k != "epoch"}
     config = export_artifact(
         model,
         out,
@@ -128,6 +136,7 @@ def train(
                 "valid_images": len(data.split("val")),
             },
             "seconds": round(seconds, 1),
+            "exported_epoch": exported_epoch,
             "metrics": final,
             "history": table.rows,
         },
