@@ -79,6 +79,7 @@ def test_up_embedded_restart_and_clean_stop(tmp_path: Path, record_property) -> 
     finally:
         assert stop_up(process) == 0
     assert processes_using(data_dir) == []
+    assert not (data_dir / "stack.env").exists()
     assert (data_dir / "postgres" / "PG_VERSION").exists()
     assert any((data_dir / "blobs" / "inventory").iterdir())
 
@@ -98,6 +99,21 @@ def test_up_embedded_restart_and_clean_stop(tmp_path: Path, record_property) -> 
                 break  # the rebuild timer indexed it
             assert time.monotonic() < deadline, "the rebuild timer never built an index"
             time.sleep(0.5)
+        # Operators' own commands reach the running stack through its data directory.
+        exports = subprocess.run(
+            [sys.executable, "-m", "fashionrec_cli", "env", "--data-dir", str(data_dir)],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert exports.returncode == 0 and "export DATABASE_URL=" in exports.stdout
+        report = tmp_path / "index-eval.json"
+        evaluated = subprocess.run(
+            [sys.executable, "-m", "fashionrec_cli", "evaluate", "--index", "--data-dir",
+             str(data_dir), "--samples", "5", "--k", "3", "--json", str(report)],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+        figures = json.loads(report.read_text())
+        assert 0.0 <= figures["recall"] <= 1.0 and figures["annoy_ms_median"] >= 0
     finally:
         assert stop_up(process) == 0
     assert processes_using(data_dir) == []

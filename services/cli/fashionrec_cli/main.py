@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -263,19 +264,56 @@ def train(ctx: typer.Context) -> None:
     _hand_over("fashionrec_embedder", "train", ctx.args)
 
 
+DataDirOpt = Annotated[
+    Path, typer.Option("--data-dir", help="data directory of a running `fashionrec up`")
+]
+
+
+@app.command()
+def env(data_dir: DataDirOpt = Path("data")) -> None:
+    """Print the settings of the running one-machine stack as shell exports.
+
+    eval "$(fashionrec env)" lets the services' own commands (e.g. `fashionrec-indexer rebuild`)
+    reach the stack that `fashionrec up` started on the same data directory.
+    """
+    from fashionrec_cli.stack import read_stack_env
+
+    found = read_stack_env(data_dir)
+    if not found:
+        console.print(f"[red]error:[/] no running `fashionrec up` on {data_dir}")
+        raise typer.Exit(1)
+    for key, value in found.items():
+        typer.echo(f"export {key}={shlex.quote(value)}")
+
+
+def _with_stack_env(args: list[str]) -> list[str]:
+    """Take `--data-dir D` out of args and, where nothing is configured, adopt that stack's env."""
+    from fashionrec_cli.stack import read_stack_env
+
+    data_dir = Path("data")
+    if "--data-dir" in args:
+        at = args.index("--data-dir")
+        data_dir = Path(args[at + 1]) if at + 1 < len(args) else data_dir
+        del args[at : at + 2]
+    if not os.environ.get("DATABASE_URL"):
+        os.environ.update(read_stack_env(data_dir))
+    return args
+
+
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)
 def evaluate(ctx: typer.Context) -> None:
     """Measure retrieval quality.
 
     fashionrec evaluate --inshop DIR --weights W [--json FILE]: DeepFashion In-shop protocol
     (Recall@1/5/10/20, mAP@10), see `fashionrec-embedder evaluate --help`.
-    fashionrec evaluate --index [--samples N] [--k K] [--json FILE]: the live Annoy index against
-    exact search, with query latency, see `fashionrec-indexer evaluate --help`.
+    fashionrec evaluate --index [--samples N] [--k K] [--json FILE] [--data-dir D]: the live
+    Annoy index against exact search, with query latency (`fashionrec-indexer evaluate --help`);
+    without DATABASE_URL it measures the stack `fashionrec up` runs on D (default: data).
     """
     args = list(ctx.args)
     if "--index" in args:
         args.remove("--index")
-        _hand_over("fashionrec_indexer", "evaluate", args)
+        _hand_over("fashionrec_indexer", "evaluate", _with_stack_env(args))
     if any(a == "--inshop" or a.startswith("--inshop=") for a in args) or "--help" in args:
         _hand_over("fashionrec_embedder", "evaluate", args)
     console.print("[red]error:[/] say what to evaluate: --inshop DIR (with --weights W) or --index")

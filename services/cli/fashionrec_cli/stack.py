@@ -25,6 +25,25 @@ from fashionrec_cli.supervisor import Supervisor
 
 log = logging.getLogger("fashionrec.stack")
 
+STACK_ENV_FILE = "stack.env"
+# What an operator's own command (`fashionrec-indexer rebuild`, `evaluate --index`) needs to
+# reach a running one-machine stack; written by `up`, removed when it stops.
+_SHARED_KEYS = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "FASHIONREC_BROKER_URL",
+    "FASHIONREC_INDEXER_INDEX_DIR",
+)
+
+
+def read_stack_env(data_dir: Path) -> dict[str, str]:
+    """The environment of the stack `fashionrec up` runs on `data_dir` (empty when none runs)."""
+    path = data_dir / STACK_ENV_FILE
+    if not path.is_file():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {key: value for key, value in pairs}
+
 
 @dataclass
 class StackOptions:
@@ -132,7 +151,17 @@ class Stack:
         )  # fmt: skip
         progress("waiting for /readyz")
         self.wait_ready(self.options.ready_timeout_s)
+        self._write_stack_env(env)
         return time.monotonic() - started
+
+    def _write_stack_env(self, env: Mapping[str, str]) -> None:
+        shared = {k: env[k] for k in _SHARED_KEYS if k in env}
+        shared.update({k: v for k, v in env.items() if k.startswith("FASHIONREC_STORAGE_")})
+        shared["FASHIONREC_GATEWAY_URL"] = self.gateway_url
+        path = self.options.data_dir / STACK_ENV_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold S3 keys
+        with os.fdopen(fd, "w") as out:
+            out.writelines(f"{key}={value}\n" for key, value in sorted(shared.items()))
 
     def wait_ready(self, timeout: float) -> None:
         assert self.supervisor is not None
@@ -167,6 +196,7 @@ class Stack:
             time.sleep(0.5)
 
     def stop(self) -> None:
+        (self.options.data_dir / STACK_ENV_FILE).unlink(missing_ok=True)
         if self.supervisor is not None:
             self.supervisor.stop()
         if self.redis is not None:
