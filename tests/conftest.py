@@ -9,8 +9,11 @@ a redis-server child process and moto's S3 server, and stops them at the end.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,18 +29,30 @@ def with_database(url: str, database: str) -> str:
     return make_url(url).set(database=database).render_as_string(hide_password=False)
 
 
+@contextmanager
+def private_dir(prefix: str) -> Iterator[Path]:
+    """A directory of this session only: pytest prunes old basetemp folders, and a concurrent
+    pytest run would delete a running server's data under its feet."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_admin_url() -> Iterator[str]:
     configured = os.environ.get("FASHIONREC_TEST_DATABASE_URL")
     if configured:
         yield configured
         return
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres") / "pgdata")
-    server.start()
-    try:
-        yield server.url("postgres")
-    finally:
-        server.stop()
+    with private_dir("fashionrec-test-pg-") as root:
+        server = EmbeddedPostgres(root / "pgdata")
+        server.start()
+        try:
+            yield server.url("postgres")
+        finally:
+            server.stop()
 
 
 def _admin_execute(admin_url: str, sql: str) -> None:
@@ -75,17 +90,18 @@ def database_url(make_database) -> str:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_server_url() -> Iterator[str]:
     configured = os.environ.get("FASHIONREC_TEST_REDIS_URL")
     if configured:
         yield configured
         return
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
-    url = server.start()
-    try:
-        yield url
-    finally:
-        server.stop()
+    with private_dir("fashionrec-test-redis-") as root:
+        server = EmbeddedRedis(root)
+        url = server.start()
+        try:
+            yield url
+        finally:
+            server.stop()
 
 
 def redis_db_url(server_url: str, db: int) -> str:
