@@ -3,10 +3,14 @@
 Starts `fashionrec up` (embedded services) on loopback, loads a small synthetic catalogue, then
 sends 800x800 JPEG photos to POST /v1/search: first one client, then 8 concurrent clients. Every
 request carries a distinct photo, so the query-vector cache never answers. Bounded in count and
-time. Stage timings come from the gateway's Server-Timing header. The baseline is the raw model
-rate at batch 1 (the embedder's own `Embedder.embed`, same weights) measured in this script.
+time. Stage timings come from the gateway's Server-Timing header: upload (body received and
+parsed), validate, store, embed (the whole embedder round trip) split into queue (send, wait for
+a free worker, result delivery), fetch, decode, infer (the worker's own timings), then search (the
+indexer call) with the indexer's index-delta, index-ann, index-metadata, and respond. The baseline
+is the raw model rate at batch 1 (the embedder's own `Embedder.embed`, same weights and runtime,
+decode included) measured in this script.
 
-    .venv/bin/python benchmarks/request_path.py [--requests 60] [--clients 8] [--weights random:0]
+    .venv/bin/python benchmarks/request_path.py [--requests 60] [--clients 8] [--embedders 1]
 
 Prints a table and writes benchmarks/results/request_path.json.
 """
@@ -106,10 +110,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-seconds", type=float, default=120, help="time bound per phase")
     parser.add_argument("--weights", default="random:0")
+    parser.add_argument("--embedders", type=int, default=1, help="embedder worker processes")
     args = parser.parse_args()
 
     baseline = model_batch1_rate(args.weights)
-    with running_stack(args.weights) as stack:
+    with running_stack(args.weights, embedders=args.embedders) as stack:
         specs = generate_catalog(40, seed=3)
         catalog = write_catalog(specs, stack.work / "catalog", fmt="csv")
         ingest(stack, catalog, stack.work / "catalog")
@@ -123,10 +128,12 @@ def main() -> None:
         )
     figures = {
         "weights": args.weights,
+        "embedders": args.embedders,
         "model_batch1_images_per_s": round(baseline, 2),
         "one_client": one,
         f"{args.clients}_clients": many,
         "throughput_vs_model_batch1": round(many["requests_per_s"] / baseline, 2),
+        "one_client_vs_model_batch1": round(one["requests_per_s"] / baseline, 2),
     }
     print(json.dumps(figures, indent=2))
     out = Path(__file__).parent / "results" / "request_path.json"

@@ -17,6 +17,8 @@ ItemStatus = Literal["pending", "indexed", "failed"]
 JobStatus = Literal["queued", "running", "completed", "failed"]
 
 MAX_K = 50
+# Items per `POST /v1/items/batch` (and the indexer's bulk upsert).
+MAX_BATCH_ITEMS = 256
 
 
 class ItemMetadata(BaseModel):
@@ -59,6 +61,30 @@ class SearchResponse(BaseModel):
 class ItemAccepted(BaseModel):
     item_id: str
     job_id: str
+
+
+class BatchItemResult(BaseModel):
+    """One item of `POST /v1/items/batch`, in request order.
+
+    `status` 202: accepted (item_id set); otherwise the item's problem (status, detail) and
+    nothing of it was stored.
+    """
+
+    index: int = Field(description="position of the item in the request (0-based)")
+    sku: str | None = None
+    status: int = Field(description="202 accepted, or the item's problem status (413, 415, 422)")
+    item_id: str | None = None
+    title: str | None = Field(default=None, description="problem title when rejected")
+    detail: str | None = Field(default=None, description="why the item was rejected")
+
+
+class BatchAccepted(BaseModel):
+    """207 answer of `POST /v1/items/batch`: per-item outcomes, one job for the whole batch."""
+
+    job_id: str | None = Field(description="the job accepted items are attached to")
+    accepted: int
+    rejected: int
+    results: list[BatchItemResult]
 
 
 class ItemOut(BaseModel):
@@ -106,6 +132,7 @@ class JobCreate(BaseModel):
 class UpsertItem(BaseModel):
     metadata: ItemMetadata
     image: ImageRef
+    # In `UpsertItems` the batch's job_id counts; this one is ignored there.
     job_id: str | None = None
 
 
@@ -114,6 +141,19 @@ class UpsertItemResult(BaseModel):
     job_id: str
     created: bool
     embed_queued: bool
+
+
+class UpsertItems(BaseModel):
+    """Many items in one call: one transaction, one job, embedding tasks of many images each."""
+
+    items: list[UpsertItem] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+    job_id: str | None = None
+
+
+class UpsertItemsResult(BaseModel):
+    job_id: str
+    results: list[UpsertItemResult]
+    embed_tasks: int = 0
 
 
 class IndexerItem(BaseModel):

@@ -1,5 +1,8 @@
 """The ingest client against a small stand-in of the gateway's /v1 jobs and items API.
 
+Without `batch_route` the stand-in is an older gateway with no POST /v1/items/batch: the client
+falls back to one request per row (the tests before the batch ones run that way).
+
 The stand-in is a real FastAPI app under uvicorn on loopback, so multipart encoding, problem+json
 bodies, retries and polling all go over HTTP. Rows steer it by SKU prefix: BAD… is refused with a
 422 problem, FAIL… fails during "embedding", FLAKY… gets two 503s first, DOWN… always 503s,
@@ -41,6 +44,8 @@ class StandIn:
     attempts: dict[str, int] = field(default_factory=dict)
     inflight: int = 0
     max_inflight: int = 0
+    batch_route: bool = False  # off: an older gateway without POST /v1/items/batch
+    batches: list[list[str]] = field(default_factory=list)  # skus of each batch request
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -133,6 +138,52 @@ def make_app(state: StandIn) -> FastAPI:
             with state.lock:
                 state.inflight -= 1
 
+    @app.post("/v1/items/batch", status_code=207)
+    def add_batch(
+        image: Annotated[list[UploadFile], File()],
+        metadata: Annotated[str, Form()],
+        job_id: str,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> dict[str, Any]:
+        check_key(x_api_key)
+        if not state.batch_route:
+            raise ProblemError(404, "Not Found", "no route POST /v1/items/batch")
+        metas = [ItemMetadata.model_validate(m) for m in json.loads(metadata)]
+        assert len(metas) == len(image)
+        skus = [m.sku for m in metas]
+        with state.lock:
+            state.batches.append(skus)
+            attempts = []
+            for sku in skus:
+                state.attempts[sku] = state.attempts.get(sku, 0) + 1
+                attempts.append(state.attempts[sku])
+        if any(s.startswith("FLAKY") and a <= 2 for s, a in zip(skus, attempts, strict=True)):
+            raise ProblemError(503, "Service Unavailable", "no embedder is alive")
+        results = []
+        for n, (meta, upload) in enumerate(zip(metas, image, strict=True)):
+            if meta.sku.startswith("BAD"):
+                detail = f"image for {meta.sku} is not a valid picture"
+                results.append({"index": n, "sku": meta.sku, "status": 422, "detail": detail})
+                continue
+            data = upload.file.read()
+            Image.open(io.BytesIO(data)).verify()
+            item_id = str(uuid.uuid4())
+            with state.lock:
+                state.uploads.append(
+                    {"meta": meta, "content_type": upload.content_type, "size": len(data)}
+                )
+                job = state.jobs[job_id]
+                job["total"] += 1
+                job["pending"].append((item_id, meta.sku))
+            results.append({"index": n, "sku": meta.sku, "status": 202, "item_id": item_id})
+        accepted = sum(r["status"] == 202 for r in results)
+        return {
+            "job_id": job_id,
+            "accepted": accepted,
+            "rejected": len(results) - accepted,
+            "results": results,
+        }
+
     @app.get("/v1/jobs/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:
         if job_id not in state.jobs:
@@ -167,7 +218,15 @@ def gateway(server: StandIn) -> StandIn:
     server.uploads.clear()
     server.attempts.clear()
     server.max_inflight = 0
+    server.batch_route = False
+    server.batches.clear()
     return server
+
+
+@pytest.fixture
+def batch_gateway(gateway: StandIn) -> StandIn:
+    gateway.batch_route = True
+    return gateway
 
 
 def write_catalogue(folder: Path, skus: list[str], missing: tuple[str, ...] = ()) -> Path:
@@ -316,3 +375,61 @@ def test_empty_catalogue_opens_a_job_and_does_not_wait(gateway: StandIn, tmp_pat
     summary = ingest(tmp_path / "cat.jsonl", tmp_path, gateway.url, progress=False)
     assert summary.uploaded == 0 and not summary.waited
     assert [(r.line, r.reason) for r in summary.rejected] == [(1, "missing sku")]
+
+
+def test_batches_go_in_one_request_each(batch_gateway: StandIn, tmp_path: Path) -> None:
+    skus = [f"OK{n}" for n in range(70)]
+    skus[5], skus[40] = "BAD5", "FAIL40"
+    path = write_catalogue(tmp_path, skus, missing=("OK7",))
+    summary = ingest(
+        path,
+        tmp_path / "images",
+        batch_gateway.url,
+        batch_size=32,
+        poll_interval_s=0.001,
+        retry=FAST_RETRY,
+        progress=False,
+    )
+    # 69 readable rows, consecutive ones in batches of at most 32 (sent concurrently).
+    assert sorted(len(b) for b in batch_gateway.batches) == [5, 32, 32]
+    ordered = sorted(batch_gateway.batches, key=lambda b: skus.index(b[0]))
+    assert [s for b in ordered for s in b] == [s for s in skus if s != "OK7"]
+    assert batch_gateway.uploads and len(batch_gateway.uploads) == 68
+    assert summary.uploaded == 68 and len(summary.item_ids) == 68
+    assert (summary.done, summary.failed) == (67, 1)
+    by_sku = {r.sku: r for r in summary.rejected}
+    assert by_sku["BAD5"].status == 422 and by_sku["BAD5"].line == 7
+    assert by_sku["BAD5"].reason == "image for BAD5 is not a valid picture"
+    assert by_sku["OK7"].source == "catalogue"
+    sent = {u["meta"].sku: u for u in batch_gateway.uploads}
+    assert sent["OK1"]["meta"].attributes == {"colour": "blue"}
+    assert sent["OK1"]["content_type"] == "image/jpeg"
+
+
+def test_a_503_batch_is_resent_whole(batch_gateway: StandIn, tmp_path: Path) -> None:
+    path = write_catalogue(tmp_path, ["OK1", "FLAKY1", "OK2"])
+    summary = ingest(
+        path,
+        tmp_path / "images",
+        batch_gateway.url,
+        poll_interval_s=0.001,
+        retry=FAST_RETRY,
+        progress=False,
+    )
+    assert batch_gateway.batches == [["OK1", "FLAKY1", "OK2"]] * 3
+    assert summary.ok and summary.uploaded == 3 and summary.done == 3
+
+
+def test_batch_size_one_posts_items_one_by_one(batch_gateway: StandIn, tmp_path: Path) -> None:
+    path = write_catalogue(tmp_path, ["OK1", "OK2"])
+    summary = ingest(
+        path,
+        tmp_path / "images",
+        batch_gateway.url,
+        batch_size=1,
+        poll_interval_s=0.001,
+        retry=FAST_RETRY,
+        progress=False,
+    )
+    assert summary.ok and summary.uploaded == 2
+    assert batch_gateway.batches == [] and len(batch_gateway.uploads) == 2

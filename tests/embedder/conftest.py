@@ -42,6 +42,9 @@ def small_settings(tmp_path: Path | None = None, **overrides: object) -> Embedde
         "device": "cpu",
         "image_size": SMALL,
         "batch_size": 4,
+        # Eager torch: no ONNX export per test model (tests/embedder/test_runtimes.py covers
+        # the exported runtimes against it).
+        "runtime": "torch",
     }
     if tmp_path is not None:
         values["cache_dir"] = tmp_path / "cache"

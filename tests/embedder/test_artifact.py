@@ -124,14 +124,16 @@ def test_model_version_follows_the_content(
     assert other["model_version"] != version
 
 
-def test_loading_never_imports_fastai(exported: tuple[MultiTaskNet, Path]) -> None:
+def test_loading_never_imports_fastai(exported: tuple[MultiTaskNet, Path], tmp_path: Path) -> None:
     _, out = exported
     code = (
         "import sys\n"
         "from fashionrec_embedder.model import Embedder\n"
         "from fashionrec_embedder.settings import EmbedderSettings\n"
         "from PIL import Image\n"
-        f"m = Embedder(EmbedderSettings(weights={str(out)!r}, device='cpu'))\n"
+        # The serving default runtime (auto), with its ONNX cache in this test's directory.
+        f"m = Embedder(EmbedderSettings(weights={str(out)!r}, device='cpu',"
+        f" cache_dir={str(tmp_path)!r}))\n"
         "m.load()\n"
         "v = m.embed([Image.new('RGB', (80, 60), 'red')])\n"
         "assert v.shape == (1, m.dim), v.shape\n"

@@ -120,6 +120,34 @@ def test_embed_items_embeds_good_images_and_reports_failures(context: WorkerCont
     assert message.embeddings[0].image_sha256 == items[0]["image"]["sha256"]
 
 
+def test_a_many_item_task_runs_in_pipelined_model_batches(
+    context: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context.settings = context.settings.model_copy(update={"batch_size": 2})
+    data = [encode(pattern_image(seed=i), "JPEG", quality=90) for i in range(9)]
+    items = [{"item_id": f"i{i}", "image": _put(context, d)} for i, d in enumerate(data)]
+    items.insert(4, {"item_id": "missing", "image": _missing_ref()})
+    real = context.model.embed_sources
+    calls: list[int] = []
+
+    def spy(sources: list, **kwargs: object) -> list:
+        calls.append(len(sources))
+        return real(sources, **kwargs)
+
+    monkeypatch.setattr(context.model, "embed_sources", spy)
+    sent = Collector()
+    summary = embed_items(context, {"items": items}, store_results=sent, task_id="t-many")
+    # Windows of PIPELINE_BATCHES model batches: decoding overlaps inference inside each.
+    assert calls == [2 * worker.PIPELINE_BATCHES, 10 - 2 * worker.PIPELINE_BATCHES]
+    assert summary["embedded"] == 9 and summary["failed"] == 1
+    [result] = sent
+    assert [e.item_id for e in result.embeddings] == [f"i{i}" for i in range(9)]
+    assert [f.item_id for f in result.failures] == ["missing"]
+    # The same vectors as one image at a time.
+    single = context.model.embed([decode_image(data[3])])[0]
+    assert np.allclose(decode_vector(result.embeddings[3].vector), single, atol=1e-4)
+
+
 def test_poison_guard_stops_after_max_deliveries(context: WorkerContext) -> None:
     items = [{"item_id": "a", "image": _missing_ref()}, {"item_id": "b", "image": _missing_ref()}]
     sent = Collector()
@@ -149,21 +177,23 @@ def test_retries_are_not_counted_as_redeliveries(context: WorkerContext) -> None
 def test_soft_time_limit_reports_unfinished_items(
     context: WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    context.settings = context.settings.model_copy(update={"batch_size": 2})
+    # Pipelined calls of 2 items: the second one hits the time limit.
+    monkeypatch.setattr(worker, "PIPELINE_BATCHES", 2)
+    context.settings = context.settings.model_copy(update={"batch_size": 1})
     items = [
         {"item_id": f"i{i}", "image": _put(context, encode(pattern_image(seed=i)), ext="png")}
         for i in range(5)
     ]
-    real_embed = context.model.embed
+    real_embed = context.model.embed_sources
     calls: list[int] = []
 
-    def embed_then_time_out(batch: list) -> np.ndarray:
-        calls.append(len(batch))
+    def embed_then_time_out(sources: list, **kwargs: object) -> list:
+        calls.append(len(sources))
         if len(calls) == 2:
             raise SoftTimeLimitExceeded()
-        return real_embed(batch)
+        return real_embed(sources, **kwargs)
 
-    monkeypatch.setattr(context.model, "embed", embed_then_time_out)
+    monkeypatch.setattr(context.model, "embed_sources", embed_then_time_out)
     sent = Collector()
     summary = embed_items(context, {"items": items}, store_results=sent, task_id="t-slow")
     assert summary["embedded"] == 2 and summary["failed"] == 3

@@ -118,6 +118,15 @@ class FakeIndexer:
             return httpx.Response(200, json=self.index_info)
         if (method, path) == ("POST", "/items"):
             return self._upsert(body)
+        if (method, path) == ("POST", "/items/batch"):
+            job_id = body.get("job_id")
+            if job_id is not None and job_id not in self.jobs:
+                return problem(404, f"job {job_id} not found")
+            job_id = job_id or str(uuid.uuid4())
+            results = [self._upsert({**item, "job_id": None}).json() for item in body["items"]]
+            results = [{**r, "job_id": job_id} for r in results]
+            answer = {"job_id": job_id, "results": results, "embed_tasks": 1}
+            return httpx.Response(200, json=answer)
         if (method, path) == ("POST", "/jobs"):
             job_id = str(uuid.uuid4())
             self.jobs[job_id] = {

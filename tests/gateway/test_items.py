@@ -189,3 +189,94 @@ def test_api_key(make_gateway) -> None:  # type: ignore[no-untyped-def]
     assert gw.client.post("/v1/search", files=image).status_code == 200
     assert gw.client.get(f"/v1/items/{item_id}").status_code == 200
     assert gw.client.delete(f"/v1/items/{item_id}", headers=key).status_code == 204
+
+
+# ---- POST /v1/items/batch -------------------------------------------------------------------
+
+
+def add_batch(gw: Gateway, images: list[bytes], metadata: Any, **params: Any) -> httpx.Response:
+    raw = metadata if isinstance(metadata, str) else json.dumps(metadata)
+    files = [("image", (f"x{n}.jpg", data, "image/jpeg")) for n, data in enumerate(images)]
+    return gw.client.post("/v1/items/batch", params=params, files=files, data={"metadata": raw})
+
+
+def test_batch_accepts_good_items_and_rejects_bad_ones_alone(gateway: Gateway) -> None:
+    good = [jpeg((10 * n, 30, 30)) for n in range(3)]
+    images = [good[0], TEXT, good[1], truncated_jpeg(), good[2], jpeg((1, 2, 3))]
+    metadata = [
+        {"sku": "a", "title": "A"},
+        {"sku": "b"},  # not an image
+        {"sku": "c", "price": 3},
+        {"sku": "d"},  # truncated
+        {"sku": "e"},
+        {"sku": "f", "price": -1},  # bad metadata
+    ]
+    response = add_batch(gateway, images, metadata)
+    assert response.status_code == 207, response.text
+    body = response.json()
+    assert (body["accepted"], body["rejected"]) == (3, 3)
+    by_sku = {r["sku"]: r for r in body["results"]}
+    assert [r["index"] for r in body["results"]] == list(range(6))
+    assert {s for s, r in by_sku.items() if r["status"] == 202} == {"a", "c", "e"}
+    assert by_sku["b"]["status"] == 415 and by_sku["d"]["status"] == 422
+    assert "truncated" in by_sku["d"]["detail"]
+    assert by_sku["f"]["status"] == 422 and "price" in by_sku["f"]["detail"]
+    assert all(r["item_id"] for r in body["results"] if r["status"] == 202)
+    # Only the accepted images are stored, and the indexer got them in ONE bulk call.
+    assert gateway.stored() == {content_key("inventory", d, "jpg")[0] for d in good}
+    [call] = gateway.indexer.calls_to("POST", "/items/batch")
+    assert [i["metadata"]["sku"] for i in call["items"]] == ["a", "c", "e"]
+    assert gateway.indexer.calls_to("POST", "/items") == []
+    assert body["job_id"]
+    assert "validate;dur=" in response.headers["server-timing"]
+
+
+def test_batch_same_sku_twice_keeps_the_first(gateway: Gateway) -> None:
+    response = add_batch(gateway, [jpeg(), jpeg((1, 1, 1))], [{"sku": "s"}, {"sku": " s "}])
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == [202, 422]
+    assert "already appears" in results[1]["detail"]
+    assert gateway.stored() == {content_key("inventory", jpeg(), "jpg")[0]}
+
+
+def test_batch_into_a_job(gateway: Gateway) -> None:
+    job_id = gateway.client.post("/v1/jobs", json={"kind": "ingest"}).json()["job_id"]
+    response = add_batch(gateway, [jpeg()], [{"sku": "a"}], job_id=job_id)
+    assert response.status_code == 207 and response.json()["job_id"] == job_id
+    [call] = gateway.indexer.calls_to("POST", "/items/batch")
+    assert call["job_id"] == job_id
+    assert_problem(add_batch(gateway, [jpeg()], [{"sku": "a"}], job_id=UNKNOWN), 404)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "images", "status", "expected"),
+    [
+        ('{"sku": "a"}', 1, 422, "JSON list"),
+        ("[not json", 1, 422, "JSON list"),
+        ([{"sku": "a"}], 2, 422, "2 image parts but 1 metadata"),
+        ([{"sku": str(n)} for n in range(4)], 4, 413, "limit is 3"),
+    ],
+    ids=["object", "invalid json", "count mismatch", "too many"],
+)
+def test_batch_request_problems_store_nothing(
+    make_gateway, metadata: Any, images: int, status: int, expected: str
+) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(max_batch_items=3)
+    response = add_batch(gw, [jpeg((n, 0, 0)) for n in range(images)], metadata)
+    assert expected in assert_problem(response, status)["detail"]
+    assert gw.stored() == set()
+    assert gw.indexer.calls_to("POST", "/items/batch") == []
+
+
+def test_batch_body_limit(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(max_batch_bytes=2000)
+    response = add_batch(gw, [noisy_png()], [{"sku": "a"}])
+    assert_problem(response, 413)
+    assert gw.stored() == set()
+
+
+def test_batch_is_documented_in_openapi(gateway: Gateway) -> None:
+    spec = gateway.client.get("/openapi.json").json()
+    operation = spec["paths"]["/v1/items/batch"]["post"]
+    assert "207" in operation["responses"]
+    assert "BatchAccepted" in json.dumps(operation["responses"]["207"])

@@ -180,3 +180,63 @@ def test_search_similar_delete_and_index(
     assert accepted.status_code == 202 and accepted.json()["task_id"]
     message = json.loads(redis.Redis.from_url(redis_url).lrange("index", 0, -1)[0])
     assert message["headers"]["task"] == str(TaskName.BUILD_INDEX)
+
+
+def _embed_messages(redis_url: str) -> list[dict]:
+    out = []
+    for raw in redis.Redis.from_url(redis_url).lrange("embed", 0, -1):
+        message = json.loads(raw)
+        assert message["headers"]["task"] == str(TaskName.EMBED_ITEMS)
+        out.append(json.loads(base64.b64decode(message["body"]))[0][0])
+    return out
+
+
+def test_batch_upsert_sends_one_embed_task_per_32_items(
+    client: TestClient, engine: Engine, redis_url: str
+) -> None:
+    add_item(engine, "KNOWN", random_vectors(1)[0])  # its image is embedded already
+    items = [item_body(f"B-{n}") for n in range(40)] + [item_body("C", tag="KNOWN")]
+    response = client.post("/items/batch", json={"items": items})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["embed_tasks"] == 2
+    assert len(body["results"]) == 41 and len({r["item_id"] for r in body["results"]}) == 41
+    assert all(r["job_id"] == body["job_id"] for r in body["results"])
+    assert body["results"][-1]["embed_queued"] is False  # indexed at once, no task
+    messages = _embed_messages(redis_url)
+    # Redis lists are pushed on the left: the newest message first.
+    sizes = sorted(len(m["items"]) for m in messages)
+    assert sizes == [8, 32]
+    sent = [i["item_id"] for m in messages for i in m["items"]]
+    assert sorted(sent) == sorted(r["item_id"] for r in body["results"][:40])
+    assert all(m["job_id"] == body["job_id"] for m in messages)
+    job = client.get(f"/jobs/{body['job_id']}").json()
+    assert (job["total"], job["done"]) == (41, 1)
+
+    again = client.post("/items/batch", json={"items": [item_body("B-0")]}).json()
+    assert again["results"][0]["item_id"] == body["results"][0]["item_id"]
+    assert again["results"][0]["created"] is False
+
+
+def test_batch_upsert_problems(client: TestClient, redis_url: str) -> None:
+    twice = {"items": [item_body("X"), item_body("Y"), item_body("X", tag="other")]}
+    assert "items[2]" in problem(client.post("/items/batch", json=twice), 422)["detail"]
+    problem(client.post("/items/batch", json={"items": []}), 422)
+    unknown = {"items": [item_body("X")], "job_id": str(uuid.uuid4())}
+    problem(client.post("/items/batch", json=unknown), 404)
+    # Nothing was stored or sent by the refused calls.
+    assert redis.Redis.from_url(redis_url).llen("embed") == 0
+    job = client.post("/jobs", json={"kind": "ingest"}).json()
+    into = client.post("/items/batch", json={"items": [item_body("X")], "job_id": job["job_id"]})
+    assert into.json()["job_id"] == job["job_id"]
+
+
+def test_search_sends_server_timing(client: TestClient, engine: Engine) -> None:
+    vectors = random_vectors(3)
+    for n, vector in enumerate(vectors):
+        add_item(engine, f"T{n}", vector)
+    response = client.post("/search", json=query(vectors[0], k=2))
+    assert response.status_code == 200, response.text
+    timing = response.headers["server-timing"]
+    for stage in ("delta", "ann", "metadata"):
+        assert f"{stage};dur=" in timing

@@ -1,9 +1,13 @@
 """`fashionrec ingest`: upload a catalogue to the gateway and follow its embedding job.
 
-One job is opened (`POST /v1/jobs`), every valid row is posted to `POST /v1/items?job_id=…` by a
-small thread pool (bounded concurrency keeps the gateway and the embed queue from being flooded),
-then the job is polled until every accepted upload is done or failed. Only connection errors and
-503 are retried: anything else is the server's verdict on the row and is reported, not repeated.
+One job is opened (`POST /v1/jobs`), the valid rows are posted in batches to
+`POST /v1/items/batch?job_id=…` (one request and one embedding task per batch of up to
+`batch_size` items; `batch_size=1` posts each row to `POST /v1/items`) by a small thread pool
+(bounded concurrency keeps the gateway and the embed queue from being flooded), then the job is
+polled until every accepted upload is done or failed. Only connection errors and 503 are retried
+(a batch is resent whole: same sku = same item, same bytes = same blob): anything else is the
+server's verdict on the row or the batch and is reported, not repeated. A gateway without the
+batch route (404/405 naming no job) gets the rows one by one.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ from tenacity import (
 from fashionrec_cli.catalog import CatalogError, CatalogRow, read_catalog
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8000"
+DEFAULT_BATCH_SIZE = 32
+# Kept under the gateway's default batch body limit (64 MiB) with room for multipart framing.
+MAX_BATCH_BYTES = 32 * 1024 * 1024
 _RETRY_STATUS = 503
 # Connection-level failures where the request cannot have been processed: safe to resend.
 _RETRY_EXCEPTIONS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
@@ -166,11 +173,10 @@ def _upload(
     client: httpx.Client, policy: RetryPolicy, job_id: str, row: CatalogRow
 ) -> Rejection | str:
     """Post one row; returns the item_id, or why it was refused."""
-    try:
-        data = row.image_path.read_bytes()
-    except OSError as exc:
-        return Rejection(row.sku, f"cannot read image: {exc}", row.line, source="catalogue")
-    content_type = mimetypes.guess_type(row.image_path.name)[0] or "application/octet-stream"
+    read = _read_row(row)
+    if isinstance(read, Rejection):
+        return read
+    data, content_type = read.data, read.content_type
     metadata = json.dumps(row.metadata())
 
     def call() -> httpx.Response:
@@ -191,6 +197,110 @@ def _upload(
         except (ValueError, KeyError, TypeError):
             return Rejection(row.sku, f"unexpected answer: {response.text[:200]}", row.line, 202)
     return Rejection(row.sku, problem_detail(response), row.line, response.status_code)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    row: CatalogRow
+    data: bytes
+    content_type: str
+
+
+def _read_row(row: CatalogRow) -> _Loaded | Rejection:
+    try:
+        data = row.image_path.read_bytes()
+    except OSError as exc:
+        return Rejection(row.sku, f"cannot read image: {exc}", row.line, source="catalogue")
+    content_type = mimetypes.guess_type(row.image_path.name)[0] or "application/octet-stream"
+    return _Loaded(row, data, content_type)
+
+
+class _NoBatchRoute(Exception):
+    """The gateway has no POST /v1/items/batch (an older one): fall back to single uploads."""
+
+
+def batches(
+    rows: list[CatalogRow], size: int, max_bytes: int = MAX_BATCH_BYTES
+) -> list[list[CatalogRow]]:
+    """Consecutive groups of at most `size` rows and (roughly) `max_bytes` of images."""
+    out: list[list[CatalogRow]] = []
+    current: list[CatalogRow] = []
+    weight = 0
+    for row in rows:
+        try:
+            nbytes = row.image_path.stat().st_size
+        except OSError:
+            nbytes = 0
+        if current and (len(current) >= size or weight + nbytes > max_bytes):
+            out.append(current)
+            current, weight = [], 0
+        current.append(row)
+        weight += nbytes
+    if current:
+        out.append(current)
+    return out
+
+
+def _upload_batch(
+    client: httpx.Client, policy: RetryPolicy, job_id: str, rows: list[CatalogRow]
+) -> list[tuple[CatalogRow, Rejection | str]]:
+    """Post rows in one request; per row the item_id, or why it was refused."""
+    outcomes: list[tuple[CatalogRow, Rejection | str]] = []
+    loaded: list[_Loaded] = []
+    for row in rows:
+        read = _read_row(row)
+        if isinstance(read, Rejection):
+            outcomes.append((row, read))
+        else:
+            loaded.append(read)
+    if not loaded:
+        return outcomes
+    files = [("image", (x.row.image_path.name, x.data, x.content_type)) for x in loaded]
+    metadata = json.dumps([x.row.metadata() for x in loaded])
+
+    def call() -> httpx.Response:
+        return client.post(
+            "/v1/items/batch", params={"job_id": job_id}, files=files, data={"metadata": metadata}
+        )
+
+    try:
+        response = _send(policy, call)
+    except httpx.HTTPError as exc:
+        reason = f"upload failed: {exc!r}"
+        return outcomes + [(x.row, Rejection(x.row.sku, reason, x.row.line)) for x in loaded]
+    detail = problem_detail(response) if response.status_code != 207 else ""
+    if response.status_code in (404, 405) and "job" not in detail.lower():
+        raise _NoBatchRoute(detail)
+    if response.status_code != 207:
+        return outcomes + [
+            (x.row, Rejection(x.row.sku, detail, x.row.line, response.status_code)) for x in loaded
+        ]
+    try:
+        results = {int(r["index"]): r for r in response.json()["results"]}
+    except (ValueError, KeyError, TypeError):
+        results = {}
+    for n, x in enumerate(loaded):
+        result = results.get(n)
+        if result is None:
+            reason = f"unexpected answer: {response.text[:200]}"
+            outcomes.append((x.row, Rejection(x.row.sku, reason, x.row.line, 207)))
+        elif result.get("status") == 202 and result.get("item_id"):
+            outcomes.append((x.row, str(result["item_id"])))
+        else:
+            reason = str(result.get("detail") or result.get("title") or "rejected")
+            outcomes.append((x.row, Rejection(x.row.sku, reason, x.row.line, result.get("status"))))
+    return outcomes
+
+
+def _upload_rows(
+    client: httpx.Client, policy: RetryPolicy, job_id: str, rows: list[CatalogRow], batch: bool
+) -> list[tuple[CatalogRow, Rejection | str]]:
+    if batch:
+        try:
+            return _upload_batch(client, policy, job_id, rows)
+        except _NoBatchRoute:
+            pass
+    return [(row, _upload(client, policy, job_id, row)) for row in rows]
 
 
 def _progress(console: Console | None, enabled: bool) -> Progress:
@@ -259,6 +369,7 @@ def ingest(
     *,
     api_key: str | None = None,
     concurrency: int = 4,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     wait: bool = True,
     timeout_s: float = 900.0,
     poll_interval_s: float = 1.0,
@@ -295,19 +406,21 @@ def ingest(
         with _progress(console, progress) as bar:
             task = bar.add_task("uploading", total=len(catalog.rows), note="")
             pool = ThreadPoolExecutor(max_workers=max(concurrency, 1))
+            size = max(batch_size, 1)
+            groups = batches(catalog.rows, size) if size > 1 else [[r] for r in catalog.rows]
             try:
-                futures = {
-                    pool.submit(_upload, client, retry, summary.job_id, row): row
-                    for row in catalog.rows
-                }
+                futures = [
+                    pool.submit(_upload_rows, client, retry, summary.job_id, group, size > 1)
+                    for group in groups
+                ]
                 for future in as_completed(futures):
-                    row, result = futures[future], future.result()
-                    if isinstance(result, Rejection):
-                        summary.rejected.append(result)
-                    else:
-                        summary.uploaded += 1
-                        summary.item_ids[row.sku] = result
-                    bar.update(task, advance=1, note=f"{len(summary.rejected)} rejected")
+                    for row, result in future.result():
+                        if isinstance(result, Rejection):
+                            summary.rejected.append(result)
+                        else:
+                            summary.uploaded += 1
+                            summary.item_ids[row.sku] = result
+                        bar.update(task, advance=1, note=f"{len(summary.rejected)} rejected")
             finally:
                 # On Ctrl-C do not wait for the queued uploads, only for those in flight.
                 pool.shutdown(wait=True, cancel_futures=True)

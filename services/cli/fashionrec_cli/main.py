@@ -99,7 +99,11 @@ def ingest(
     ],
     gateway: GatewayOpt = "http://127.0.0.1:8000",
     api_key: ApiKeyOpt = None,
-    concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="requests in flight")] = 4,
+    batch_size: Annotated[
+        int,
+        typer.Option(min=1, max=256, help="items per POST /v1/items/batch; 1: one by one"),
+    ] = 32,
     wait: Annotated[bool, typer.Option(help="wait for the embedding jobs")] = True,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the jobs")] = 1800.0,
 ) -> None:
@@ -119,6 +123,7 @@ def ingest(
         gateway,
         api_key=api_key,
         concurrency=concurrency,
+        batch_size=batch_size,
         wait=wait,
         timeout_s=timeout,
     )

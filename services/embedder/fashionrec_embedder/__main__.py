@@ -68,6 +68,12 @@ def worker(
         # Fail fast in the parent: a bad weights setting would crash-loop every child, and
         # children downloading the ImageNet file at once would race.
         ensure_available(parse_weights(settings.weights), settings.cache_dir)
+        if settings.concurrency > 1:
+            # Export/quantise once here rather than in every child at the same time.
+            from fashionrec_embedder.model import prepare_in_subprocess
+
+            for spec in [settings.weights, *settings.previous_weights]:
+                prepare_in_subprocess(settings.model_copy(update={"weights": spec}))
     except WeightsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -119,7 +125,7 @@ def embed(
                     decode_image(
                         path.read_bytes(),
                         max_pixels=settings.max_image_pixels,
-                        draft_size=settings.image_size,
+                        draft_size=model.image_size,  # a trained artifact fixes its own size
                     ),
                 )
             )

@@ -1,15 +1,26 @@
-"""The served model: PIL images → L2-normalised float32 embeddings.
+"""The served model: images → L2-normalised float32 embeddings.
 
 Either torchvision's ResNet50 body (2048-d pooled features; weights imagenet/random/file) or a
 trained multi-task artifact (artifact.py), which fixes its own embedding kind, dimension, input
-size and model version.
+size and model version. The network runs on the configured runtime (runtimes.py): torch, or the
+ONNX export of the same network on ONNX Runtime / OpenVINO, fp32 or static int8 (quantize.py).
+
+Decoding and preprocessing of the next batch run on a small thread pool while the current batch
+is inferred (Pillow and numpy release the GIL); `stage_seconds` accumulates the time spent in
+each stage (decode and preprocess summed over threads, inference as wall time).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing
+import os
 import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +28,16 @@ from PIL import Image
 from torch import nn
 
 from fashionrec_embedder.artifact import load_artifact, read_config
-from fashionrec_embedder.preprocess import image_to_tensor
+from fashionrec_embedder.preprocess import ImageDecodeError, decode_image, image_to_array
+from fashionrec_embedder.runtimes import (
+    Runtime,
+    TorchRuntime,
+    cpu_cores,
+    ensure_onnx,
+    onnx_path,
+    onnx_runtime,
+    resolve_runtime,
+)
 from fashionrec_embedder.settings import EmbedderSettings
 from fashionrec_embedder.weights import (
     EMBEDDING_DIM,
@@ -29,6 +49,9 @@ from fashionrec_embedder.weights import (
 )
 
 log = logging.getLogger("fashionrec.embedder.model")
+
+STAGES: tuple[str, ...] = ("decode", "preprocess", "inference")
+Source = Callable[[], Image.Image]
 
 
 class ModelNotLoaded(RuntimeError):
@@ -71,73 +94,141 @@ class Embedder:
             self.config = config
             self.dim = int(config["embedding"]["dim"])
             self.image_size = int(config["preprocessing"]["image_size"])
-            self.model_version: str = str(config["model_version"])
+            version = str(config["model_version"])
             if self.image_size != settings.image_size:
                 log.info(
                     "model %s fixes image_size=%d (setting image_size=%d is ignored)",
-                    self.model_version,
+                    version,
                     self.image_size,
                     settings.image_size,
                 )
         else:
-            self.model_version = model_version(self.source, settings.image_size)
+            version = model_version(self.source, settings.image_size)
+        # fp32 runtimes give the same vectors (cosine ≥ 0.999), so they share the version; int8
+        # vectors differ slightly and get their own, so one index never mixes the two.
+        self.fp32_version: str = version
+        self.precision: str = settings.precision
+        if self.precision == "int8":
+            from fashionrec_embedder.quantize import calibration_tag
+
+            version += calibration_tag(settings.calibration_dir, settings.calibration_images)
+        self.model_version: str = version
         self.device: torch.device | None = None
+        self.runtime: str | None = None  # the resolved runtime name, after load()
         self.load_seconds: float | None = None
-        self._model: nn.Module | None = None
+        self.stage_seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.images_embedded = 0
+        self._model: Runtime | None = None
         self._lock = threading.Lock()
+        self._infer_lock = threading.Lock()  # runtimes hold one inference request each
+        self._stats_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid: int | None = None
 
     @property
     def loaded(self) -> bool:
         return self._model is not None
 
+    # ---- model building -----------------------------------------------------------------
+
+    def build_module(self) -> nn.Module:
+        """The torch network on CPU in eval mode (outputs L2-normalised or raw pooled rows)."""
+        if self.source.kind == "artifact":
+            assert self.source.path is not None and self.config is not None
+            net, config = load_artifact(self.source.path)  # checks the content hash
+            if config["model_version"] != self.fp32_version:
+                raise WeightsError(
+                    f"model artifact {self.source.path} changed while loading "
+                    f"({self.fp32_version} → {config['model_version']}); restart"
+                )
+            return _ArtifactEmbedding(net, str(config["embedding"]["kind"])).eval()
+        return load_backbone(self.source, self.settings.cache_dir).eval()
+
+    def onnx_file(self, precision: str | None = None) -> Path:
+        """The cache path of this model's ONNX file (fp32, or the int8 one)."""
+        precision = precision or self.precision
+        variant = self.model_version.removeprefix(self.fp32_version) if precision == "int8" else ""
+        return onnx_path(self.settings.cache_dir, self.fp32_version, self.image_size, variant)
+
+    def prepare(self) -> Path | None:
+        """Export (and quantise) the ONNX files this model's runtime needs; cached per version.
+
+        Cheap when the files exist. Run it once before starting worker processes (see
+        `prepare_in_subprocess`), else the first process to load does it.
+        """
+        device = resolve_device(self.settings.device)
+        name = resolve_runtime(self.settings.runtime, device, self.precision)
+        if name == "torch":
+            return None
+        fp32, _ = ensure_onnx(self.onnx_file("fp32"), self.build_module, self.image_size)
+        if self.precision != "int8":
+            return fp32
+        int8 = self.onnx_file("int8")
+        if not int8.is_file():
+            from fashionrec_embedder.quantize import calibration_batch, quantize_onnx
+
+            log.info("quantising %s to int8 (static QDQ): %s", self.fp32_version, int8)
+            calibration = calibration_batch(
+                self.image_size,
+                self.settings.calibration_images,
+                self.settings.calibration_dir,
+                self.settings.max_image_pixels,
+            )
+            quantize_onnx(fp32, int8, calibration)
+        return int8
+
     def load(self) -> None:
-        """Build the model, move it to the device and run one warm-up pass. Idempotent."""
+        """Build the model on its runtime and run one warm-up pass. Idempotent."""
         with self._lock:
             if self._model is not None:
                 return
             started = time.perf_counter()
             if self.settings.threads:
                 torch.set_num_threads(self.settings.threads)
+            threads = self.settings.threads or cpu_cores()
             device = resolve_device(self.settings.device)
-            if self.source.kind == "artifact":
-                assert self.source.path is not None and self.config is not None
-                net, config = load_artifact(self.source.path)  # checks the content hash
-                if config["model_version"] != self.model_version:
-                    raise WeightsError(
-                        f"model artifact {self.source.path} changed while loading "
-                        f"({self.model_version} → {config['model_version']}); restart"
-                    )
-                model = _ArtifactEmbedding(net, str(config["embedding"]["kind"]))
+            name = resolve_runtime(self.settings.runtime, device, self.precision)
+            model: Runtime
+            if name == "torch":
+                model = TorchRuntime(self.build_module(), device)
             else:
-                model = load_backbone(self.source, self.settings.cache_dir)
-            # channels_last lets oneDNN (CPU) and cuDNN pick their fastest convolution kernels.
-            model = model.to(device=device, memory_format=torch.channels_last).eval()
-            if device.type == "cuda":
-                torch.backends.cudnn.benchmark = True
-            self._model, self.device = model, device
+                path = self.prepare()
+                assert path is not None
+                model = onnx_runtime(name, path, threads=threads, device=device)
+            self._model, self.device, self.runtime = model, device, name
             # The first pass allocates buffers and picks kernels; do it now, not on a request.
-            self._forward(torch.zeros(1, 3, self.image_size, self.image_size))
+            self._infer(np.zeros((1, 3, self.image_size, self.image_size), dtype=np.float32))
+            self.reset_stages()
             self.load_seconds = time.perf_counter() - started
             log.info(
-                "model %s loaded on %s in %.2fs (threads=%d, batch_size=%d, image_size=%d)",
+                "model %s loaded on %s/%s %s in %.2fs (threads=%d, batch_size=%d, "
+                "image_size=%d, decode_threads=%d)",
                 self.model_version,
                 device,
+                name,
+                self.precision,
                 self.load_seconds,
-                torch.get_num_threads(),
+                threads,
                 self.settings.batch_size,
                 self.image_size,
+                self.settings.decode_threads,
             )
 
-    def _forward(self, batch: torch.Tensor) -> np.ndarray:
-        if self._model is None or self.device is None:
+    # ---- inference ------------------------------------------------------------------------
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        if self._model is None:
             raise ModelNotLoaded("call load() before embed()")
-        with torch.inference_mode():
-            x = batch.to(self.device, non_blocking=True).contiguous(
-                memory_format=torch.channels_last
-            )
-            features = self._model(x).float()
-            features = nn.functional.normalize(features, p=2.0, dim=1)
-            return features.cpu().numpy().astype(np.float32, copy=False)
+        started = time.perf_counter()
+        with self._infer_lock:
+            vectors = self._model(batch)
+        with self._stats_lock:
+            self.stage_seconds["inference"] += time.perf_counter() - started
+            self.images_embedded += len(batch)
+        return vectors
+
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        return self._infer(batch.numpy())
 
     def embed_tensors(self, tensors: list[torch.Tensor]) -> np.ndarray:
         """Preprocessed (3, S, S) tensors → (N, dim) float32 unit vectors, in batches."""
@@ -149,14 +240,111 @@ class Embedder:
         ]
         return np.concatenate(parts, axis=0)
 
+    # ---- the decode → preprocess → inference pipeline --------------------------------------
+
+    def reset_stages(self) -> None:
+        with self._stats_lock:
+            self.stage_seconds = dict.fromkeys(STAGES, 0.0)
+            self.images_embedded = 0
+
+    def stage_shares(self) -> dict[str, float]:
+        """Each stage's fraction of the time spent so far (decode + preprocess + inference)."""
+        total = sum(self.stage_seconds.values())
+        return {k: (v / total if total else 0.0) for k, v in self.stage_seconds.items()}
+
+    def _decode_pool(self) -> ThreadPoolExecutor | None:
+        if self.settings.decode_threads == 0:
+            return None
+        # Threads do not survive fork: a process that inherited an Embedder makes its own pool.
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(
+                self.settings.decode_threads, thread_name_prefix="embedder-decode"
+            )
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def _prepare_one(
+        self, source: Source, catch: tuple[type[BaseException], ...]
+    ) -> np.ndarray | BaseException:
+        t0 = time.perf_counter()
+        try:
+            img = source()
+        except catch as exc:
+            return exc
+        finally:
+            t1 = time.perf_counter()
+            with self._stats_lock:
+                self.stage_seconds["decode"] += t1 - t0
+        array = image_to_array(img, self.image_size)
+        with self._stats_lock:
+            self.stage_seconds["preprocess"] += time.perf_counter() - t1
+        return array
+
+    def embed_sources(
+        self,
+        sources: Sequence[Source],
+        *,
+        catch: tuple[type[BaseException], ...] = (ValueError,),
+    ) -> list[np.ndarray | BaseException]:
+        """Embed images produced by `sources` (callables that fetch/decode one image each).
+
+        Returns one entry per source, in order: its (dim,) unit vector, or the exception of a
+        type in `catch` it raised (e.g. ImageDecodeError); other exceptions propagate. While a
+        batch is inferred, the next one is decoded and preprocessed on the decode threads.
+        """
+        if self._model is None:
+            raise ModelNotLoaded("call load() before embed()")
+        results: list[np.ndarray | BaseException] = [None] * len(sources)  # type: ignore[list-item]
+        size = self.settings.batch_size
+        chunks = [range(i, min(i + size, len(sources))) for i in range(0, len(sources), size)]
+        pool = self._decode_pool()
+        prepare = functools.partial(self._prepare_one, catch=catch)
+
+        def start(chunk: range) -> list[Future[np.ndarray | BaseException]]:
+            assert pool is not None
+            return [pool.submit(prepare, sources[i]) for i in chunk]
+
+        pending = start(chunks[0]) if pool is not None and chunks else None
+        for k, chunk in enumerate(chunks):
+            if pool is None:
+                prepared = [prepare(sources[i]) for i in chunk]
+            else:
+                assert pending is not None
+                current = pending
+                # Queue the next batch before waiting: it decodes while this one is inferred.
+                pending = start(chunks[k + 1]) if k + 1 < len(chunks) else None
+                prepared = [future.result() for future in current]
+            good = [
+                (i, a) for i, a in zip(chunk, prepared, strict=True) if isinstance(a, np.ndarray)
+            ]
+            for i, a in zip(chunk, prepared, strict=True):
+                if not isinstance(a, np.ndarray):
+                    results[i] = a
+            if good:
+                vectors = self._infer(np.stack([a for _, a in good]))
+                for (i, _), vector in zip(good, vectors, strict=True):
+                    results[i] = vector
+        return results
+
+    def embed_bytes(
+        self, blobs: Sequence[bytes], *, max_pixels: int | None = None
+    ) -> list[np.ndarray | ImageDecodeError]:
+        """Encoded images → one unit vector or ImageDecodeError each (JPEG draft decoding)."""
+        limit = max_pixels or self.settings.max_image_pixels
+        sources = [
+            functools.partial(decode_image, b, max_pixels=limit, draft_size=self.image_size)
+            for b in blobs
+        ]
+        return self.embed_sources(sources, catch=(ImageDecodeError,))  # type: ignore[return-value]
+
     def embed(self, batch: list[Image.Image]) -> np.ndarray:
         """RGB PIL images → (N, dim) float32 L2-normalised embeddings."""
         if not batch:
             return np.empty((0, self.dim), dtype=np.float32)
         if self._model is None:
             raise ModelNotLoaded("call load() before embed()")
-        size = self.image_size
-        return self.embed_tensors([image_to_tensor(img, size) for img in batch])
+        rows = self.embed_sources([functools.partial(_same, img) for img in batch], catch=())
+        return np.stack(rows).astype(np.float32, copy=False)  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, object]:
         return {
@@ -164,3 +352,24 @@ class Embedder:
             "dim": self.dim,
             "device": str(self.device) if self.device else None,
         }
+
+
+def _same(img: Image.Image) -> Image.Image:
+    return img
+
+
+def _prepare_settings(settings: EmbedderSettings) -> str | None:
+    path = Embedder(settings).prepare()
+    return str(path) if path else None
+
+
+def prepare_in_subprocess(settings: EmbedderSettings) -> Path | None:
+    """`Embedder(settings).prepare()` in a fresh (spawned) process, for a forking parent.
+
+    Exporting runs torch in the caller; doing it in a child keeps the parent's torch/OpenMP
+    thread pools unstarted, so the worker processes it forks later start clean.
+    """
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        path = pool.apply(_prepare_settings, (settings,))
+    return Path(path) if path else None

@@ -99,13 +99,28 @@ def center_square_resize(img: Image.Image, size: int) -> Image.Image:
     )
 
 
-def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image → float32 tensor (3, size, size), ImageNet-normalised."""
+# (x / 255 - mean) / std as one multiply-add per pixel.
+_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
+_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+
+
+def image_to_array(img: Image.Image, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """RGB PIL image → float32 array (3, size, size), ImageNet-normalised (into `out` if given)."""
     if img.mode != "RGB":
         img = _to_rgb(img)
-    arr = np.asarray(center_square_resize(img, size), dtype=np.float32) / 255.0
-    arr = (arr - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    pixels = np.asarray(center_square_resize(img, size))  # (S, S, 3) uint8
+    if out is None:
+        out = np.empty((3, size, size), dtype=np.float32)
+    # Channel-planar writes: one pass per channel, no (S, S, 3) float temporary.
+    for c in range(3):
+        np.multiply(pixels[:, :, c], _SCALE[c], out=out[c], dtype=np.float32)
+        out[c] += _OFFSET[c]
+    return out
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image → float32 tensor (3, size, size), ImageNet-normalised."""
+    return torch.from_numpy(image_to_array(img, size))
 
 
 def preprocess(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:

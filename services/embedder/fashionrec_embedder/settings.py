@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fashionrec_shared.settings import ServiceSettings
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 
@@ -32,6 +32,18 @@ class EmbedderSettings(ServiceSettings):
     cache_dir: Path = Path("~/.cache/fashionrec")
     concurrency: int = Field(default=1, ge=1, le=64)
     threads: int | None = Field(default=None, ge=1, le=256)
+    # Which engine runs the network (runtimes.py). `auto`: on CPU OpenVINO (else ONNX Runtime,
+    # else torch), on CUDA torch channels_last + fp16 autocast. fp32 runtimes give the same
+    # vectors (cosine >= 0.999) and share the model version.
+    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
+    # int8: static QDQ quantisation (quantize.py), CPU only; its vectors get their own model
+    # version (`...-int8`) because they differ slightly from the fp32 ones.
+    precision: Literal["fp32", "int8"] = "fp32"
+    # Threads decoding/preprocessing the next batch while the current one is inferred (0: inline).
+    decode_threads: int = Field(default=1, ge=0, le=32)
+    # int8 calibration images: a folder of shop images; default: synthetic garments.
+    calibration_dir: Path | None = None
+    calibration_images: int = Field(default=64, ge=8, le=4096)
     # Same default as the gateway's limit; the embedder re-checks because it decodes blobs itself.
     max_image_pixels: int = Field(default=40_000_000, ge=1)
 
@@ -39,6 +51,17 @@ class EmbedderSettings(ServiceSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("calibration_dir")
+    @classmethod
+    def _expand_optional(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @model_validator(mode="after")
+    def _int8_needs_onnx(self) -> EmbedderSettings:
+        if self.precision == "int8" and self.runtime == "torch":
+            raise ValueError("precision int8 needs runtime auto, onnxruntime or openvino")
+        return self
 
     @field_validator("previous_weights", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ announces its primary model to the indexer (MODEL_ONLINE), which starts the re-e
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -105,6 +106,10 @@ class ImageMismatch(ValueError):
 class VersionNotLoaded(RuntimeError):
     """EMBED_ITEMS asked for a model version this process does not hold (another one may)."""
 
+
+# Model batches per pipelined call of EMBED_ITEMS: decoding overlaps inference inside a call, and
+# the items of finished calls are kept when the task hits its time limit.
+PIPELINE_BATCHES = 4
 
 # A process without the requested version hands the task back this many times (another process,
 # e.g. one already rolled out with the new model, picks it up) before reporting the items failed.
@@ -421,31 +426,31 @@ def embed_items(
     else:
         started = time.perf_counter()
         try:
-            for start in range(0, len(items), context.settings.batch_size):
-                good: list[tuple[EmbedItem, Image.Image]] = []
-                for item in items[start : start + context.settings.batch_size]:
-                    try:
-                        good.append((item, load_image(context, item.image)))
-                    except BlobNotFound:
-                        reason = f"image not found in storage: {item.image.key}"
-                        shared.append(_failure(item, reason))
-                    except ValueError as exc:  # ImageDecodeError, ImageMismatch, a bad key
-                        shared.append(_failure(item, str(exc)))
-                for model in targets:
-                    embeddings, failures = results[model.model_version]
-                    vectors = model.embed([image for _, image in good])
-                    for (item, _), vector in zip(good, vectors, strict=True):
-                        if _valid_vector(vector):
-                            embeddings.append(
-                                ItemEmbedding(
-                                    item_id=item.item_id,
-                                    image_sha256=item.image.sha256,
-                                    vector=encode_vector(vector),
-                                )
+            window = context.settings.batch_size * PIPELINE_BATCHES
+            for start, model in ((s, m) for s in range(0, len(items), window) for m in targets):
+                embeddings, failures = results[model.model_version]
+                chunk = items[start : start + window]
+                # The model's pipeline fetches and decodes the next batch on its decode threads
+                # while the current one is inferred.
+                sources = [functools.partial(load_image, context, item.image) for item in chunk]
+                outcomes = model.embed_sources(sources, catch=(BlobNotFound, ValueError))
+                for item, outcome in zip(chunk, outcomes, strict=True):
+                    if isinstance(outcome, BlobNotFound):
+                        failures.append(
+                            _failure(item, f"image not found in storage: {item.image.key}")
+                        )
+                    elif isinstance(outcome, BaseException):  # ImageDecodeError, ImageMismatch
+                        failures.append(_failure(item, str(outcome)))
+                    elif _valid_vector(outcome):
+                        embeddings.append(
+                            ItemEmbedding(
+                                item_id=item.item_id,
+                                image_sha256=item.image.sha256,
+                                vector=encode_vector(outcome),
                             )
-                        else:
-                            reason = "the model produced a non-finite embedding"
-                            failures.append(_failure(item, reason))
+                        )
+                    else:
+                        failures.append(_failure(item, "the model produced a non-finite embedding"))
         except SoftTimeLimitExceeded:
             log.warning("soft time limit hit: reporting the items not embedded yet as failed")
             for embeddings, failures in results.values():

@@ -7,6 +7,7 @@ indexer's detail, 5xx or garbage -> 502.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any, TypeVar
 
@@ -21,6 +22,8 @@ from fashionrec_shared.schemas import (
     SearchFilters,
     UpsertItem,
     UpsertItemResult,
+    UpsertItems,
+    UpsertItemsResult,
     VectorQuery,
 )
 from pydantic import BaseModel, ValidationError
@@ -93,8 +96,13 @@ class IndexerClient:
             ) from exc
 
     def search(self, query: VectorQuery) -> IndexerSearchResponse:
+        return self.search_timed(query)[0]
+
+    def search_timed(self, query: VectorQuery) -> tuple[IndexerSearchResponse, dict[str, float]]:
+        """The answer and the indexer's own stage timings (seconds, from its Server-Timing)."""
         response = self._request("POST", "/search", json=query.model_dump(mode="json"))
-        return self._parse(response, IndexerSearchResponse)
+        timings = parse_server_timing(response.headers.get("server-timing", ""))
+        return self._parse(response, IndexerSearchResponse), timings
 
     def similar(self, item_id: str, k: int, filters: SearchFilters) -> IndexerSearchResponse:
         params = {"k": k, **filters.model_dump(exclude_none=True)}
@@ -106,6 +114,10 @@ class IndexerClient:
     def upsert_item(self, item: UpsertItem) -> UpsertItemResult:
         response = self._request("POST", "/items", json=item.model_dump(mode="json"))
         return self._parse(response, UpsertItemResult)
+
+    def upsert_items(self, items: UpsertItems) -> UpsertItemsResult:
+        response = self._request("POST", "/items/batch", json=items.model_dump(mode="json"))
+        return self._parse(response, UpsertItemsResult)
 
     def get_item(self, item_id: str) -> IndexerItem:
         response = self._request("GET", f"/items/{check_id(item_id, 'item')}")
@@ -128,6 +140,19 @@ class IndexerClient:
     def ready(self, timeout_s: float = 3.0) -> None:
         """Raises ProblemError unless the indexer's /readyz answers 200."""
         self._request("GET", "/readyz", timeout=timeout_s)
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """`name;dur=ms, …` → {name: seconds}; anything malformed is skipped."""
+    timings: dict[str, float] = {}
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if name and key == "dur":
+                with contextlib.suppress(ValueError):
+                    timings[name] = float(value) / 1000
+    return timings
 
 
 def _served_version(response: httpx.Response) -> str | None:

@@ -29,7 +29,7 @@ class GatewayMetrics:
         )
         self.stages = Histogram(
             "fashionrec_gateway_stage_seconds",
-            "time per stage of a request (validate, store, embed, search)",
+            "time per stage of a request (upload, validate, store, embed, queue, infer, search, …)",
             ["stage"],
             buckets=_STAGE_BUCKETS,
             registry=self.registry,
@@ -63,6 +63,11 @@ class StageTimer:
             elapsed = time.perf_counter() - start
             self.durations[name] = self.durations.get(name, 0.0) + elapsed
             self.metrics.stages.labels(name).observe(elapsed)
+
+    def record(self, name: str, seconds: float) -> None:
+        """A stage timed elsewhere (the embedder's or the indexer's own timings)."""
+        self.durations[name] = self.durations.get(name, 0.0) + max(seconds, 0.0)
+        self.metrics.stages.labels(name).observe(max(seconds, 0.0))
 
     def header(self) -> str:
         return ", ".join(f"{name};dur={sec * 1000:.1f}" for name, sec in self.durations.items())

@@ -10,6 +10,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Multipart framing and the metadata field come on top of the image itself.
 BODY_OVERHEAD = 256 * 1024
+# Many images in one request: this route has its own, larger body limit.
+BATCH_PATH = "/v1/items/batch"
 
 
 class BodyLimitMiddleware:
@@ -25,7 +27,11 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = scope["app"].state.settings.max_upload_bytes + BODY_OVERHEAD
+        settings = scope["app"].state.settings
+        if scope.get("path", "").rstrip("/").endswith(BATCH_PATH):
+            limit = settings.max_batch_bytes
+        else:
+            limit = settings.max_upload_bytes + BODY_OVERHEAD
         detail = f"the request body is larger than the limit of {limit} bytes"
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
@@ -58,6 +64,8 @@ class MetricsMiddleware:
         metrics = scope["app"].state.metrics
         status = 500
         start = time.perf_counter()
+        # Handlers time the "upload" stage (body received and parsed) from here.
+        scope.setdefault("state", {})["started"] = start
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status

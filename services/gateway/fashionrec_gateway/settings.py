@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fashionrec_shared.schemas import MAX_BATCH_ITEMS
 from fashionrec_shared.settings import ServiceSettings
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -21,6 +22,12 @@ class GatewaySettings(ServiceSettings):
     )
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
+    max_batch_items: int = Field(
+        default=64, ge=1, le=MAX_BATCH_ITEMS, description="items per POST /v1/items/batch"
+    )
+    max_batch_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="request body limit of POST /v1/items/batch"
+    )
     embed_timeout_s: float = Field(default=30.0, gt=0)
     query_cache_ttl_s: int = Field(default=86400, ge=0, description="0 disables the cache")
     api_key: SecretStr | None = Field(

@@ -100,6 +100,8 @@ def rebuild(
             engine,
             make_blob_store(settings.storage),
             n_trees=settings.n_trees,
+            ann_dim=settings.ann_dim,
+            ann_projection=settings.ann_projection,
             force=force,
             reason="cli",
             progress=True,
@@ -148,6 +150,7 @@ def evaluate(
             samples=samples,
             k=k,
             search_k=settings.search_k if search_k is None else search_k,
+            candidates=settings.ann_candidates,
             seed=seed,
         )
     except NoIndexBuild as exc:

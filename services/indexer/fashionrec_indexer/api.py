@@ -25,6 +25,8 @@ from fashionrec_shared.schemas import (
     SearchFilters,
     UpsertItem,
     UpsertItemResult,
+    UpsertItems,
+    UpsertItemsResult,
     VectorQuery,
 )
 from fashionrec_shared.storage import make_blob_store
@@ -45,6 +47,10 @@ from fashionrec_indexer.search import search, searchable_count
 from fashionrec_indexer.settings import IndexerSettings
 
 log = logging.getLogger("fashionrec.indexer.api")
+
+# Items per EMBED_ITEMS task of a bulk upsert: the embedder runs them in model batches while it
+# fetches and decodes the next ones; small enough that a time limit or a crash costs little.
+EMBED_TASK_ITEMS = 32
 
 
 # ---- dependencies ----------------------------------------------------------------------------
@@ -137,10 +143,18 @@ def _run_search(
     filters: SearchFilters,
     model_version: str,
     exclude: tuple[uuid.UUID, ...] = (),
+    timings: dict[str, float] | None = None,
 ) -> IndexerSearchResponse:
     started = time.perf_counter()
     hits, stats = search(
-        snapshot.build, view, query, k, filters, exclude=exclude, search_k=settings.search_k
+        snapshot.build,
+        view,
+        query,
+        k,
+        filters,
+        exclude=exclude,
+        search_k=settings.search_k,
+        candidates=settings.ann_candidates,
     )
     if stats.fallback:
         metrics.search_fallbacks.inc()
@@ -148,7 +162,10 @@ def _run_search(
     metrics.search_latency.labels(endpoint, "ann").observe(searched - started)
     with engine.connect() as conn:
         rows = repo.hits_metadata(conn, [item_id for item_id, _ in hits])
-    metrics.search_latency.labels(endpoint, "metadata").observe(time.perf_counter() - searched)
+    finished = time.perf_counter()
+    metrics.search_latency.labels(endpoint, "metadata").observe(finished - searched)
+    if timings is not None:
+        timings.update(ann=searched - started, metadata=finished - searched)
     results = [
         IndexerHit(
             item_id=str(item_id),
@@ -167,11 +184,58 @@ def _run_search(
     )
 
 
+def server_timing(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{name};dur={value * 1000:.2f}" for name, value in seconds.items())
+
+
 def _normalise(vector: np.ndarray) -> np.ndarray:
     norm = float(np.linalg.norm(vector))
     if not np.isfinite(norm) or norm == 0:
         raise ProblemError(422, "Unprocessable Content", "vector has zero or infinite length")
     return (vector / norm).astype(np.float32)
+
+
+# ---- items ------------------------------------------------------------------------------------
+
+
+def _upsert_many(
+    engine: Engine, celery: Celery, bodies: list[UpsertItem], job_id: str | None
+) -> tuple[str, list[UpsertItemResult]]:
+    """Upsert items in one transaction, then send EMBED_ITEMS for those not embedded yet."""
+    job_uuid = None
+    if job_id is not None:
+        job_uuid = repo.parse_uuid(job_id)
+        if job_uuid is None:
+            raise ProblemError(404, "Not Found", f"no job {job_id!r}")
+    results: list[UpsertItemResult] = []
+    to_embed: list[EmbedItem] = []
+    with engine.begin() as conn:
+        if job_uuid is not None and not repo.job_exists(conn, job_uuid):
+            raise ProblemError(404, "Not Found", f"no job {job_id!r}")
+        if job_uuid is None:
+            job_uuid = repo.create_job(conn, "item")
+        model_version = repo.active_model_version(conn)
+        # During a model change the item needs a vector of the coming version too.
+        reembed = repo.open_reembed_job(conn)
+        pending = reembed.model_version if reembed is not None else None
+        for body in bodies:
+            upserted = repo.upsert_item(conn, body.metadata, body.image, model_version, pending)
+            indexed = upserted.status == "indexed"
+            repo.add_job_item(conn, job_uuid, upserted.item_id, "done" if indexed else "queued")
+            if not indexed:
+                to_embed.append(EmbedItem(item_id=str(upserted.item_id), image=body.image))
+            results.append(
+                UpsertItemResult(
+                    item_id=str(upserted.item_id),
+                    job_id=str(job_uuid),
+                    created=upserted.created,
+                    embed_queued=not indexed,
+                )
+            )
+    for start in range(0, len(to_embed), EMBED_TASK_ITEMS):
+        payload = EmbedItems(job_id=str(job_uuid), items=to_embed[start : start + EMBED_TASK_ITEMS])
+        _send(celery, TaskName.EMBED_ITEMS, payload)
+    return str(job_uuid), results
 
 
 # ---- app -------------------------------------------------------------------------------------
@@ -237,35 +301,25 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
 
     @app.post("/items", response_model=UpsertItemResult)
     def upsert_item(body: UpsertItem, engine: EngineDep, celery: CeleryDep) -> UpsertItemResult:
-        job_uuid = None
-        if body.job_id is not None:
-            job_uuid = repo.parse_uuid(body.job_id)
-            if job_uuid is None:
-                raise ProblemError(404, "Not Found", f"no job {body.job_id!r}")
-        with engine.begin() as conn:
-            if job_uuid is not None and not repo.job_exists(conn, job_uuid):
-                raise ProblemError(404, "Not Found", f"no job {body.job_id!r}")
-            if job_uuid is None:
-                job_uuid = repo.create_job(conn, "item")
-            model_version = repo.active_model_version(conn)
-            # During a model change the item needs a vector of the coming version too.
-            reembed = repo.open_reembed_job(conn)
-            pending = reembed.model_version if reembed is not None else None
-            upserted = repo.upsert_item(conn, body.metadata, body.image, model_version, pending)
-            indexed = upserted.status == "indexed"
-            repo.add_job_item(conn, job_uuid, upserted.item_id, "done" if indexed else "queued")
-        if not indexed:
-            payload = EmbedItems(
-                job_id=str(job_uuid),
-                items=[EmbedItem(item_id=str(upserted.item_id), image=body.image)],
-            )
-            _send(celery, TaskName.EMBED_ITEMS, payload)
-        return UpsertItemResult(
-            item_id=str(upserted.item_id),
-            job_id=str(job_uuid),
-            created=upserted.created,
-            embed_queued=not indexed,
-        )
+        _, [result] = _upsert_many(engine, celery, [body], body.job_id)
+        return result
+
+    @app.post("/items/batch", response_model=UpsertItemsResult)
+    def upsert_items(body: UpsertItems, engine: EngineDep, celery: CeleryDep) -> UpsertItemsResult:
+        """Many items in one transaction and one job; EMBED_ITEMS of up to 32 images each."""
+        seen: dict[str, int] = {}
+        for n, item in enumerate(body.items):
+            first = seen.setdefault(item.metadata.sku, n)
+            if first != n:
+                raise ProblemError(
+                    422,
+                    "Unprocessable Content",
+                    f"items[{n}]: sku {item.metadata.sku!r} already in this batch (items[{first}])",
+                )
+        job_id, results = _upsert_many(engine, celery, body.items, body.job_id)
+        queued = sum(r.embed_queued for r in results)
+        tasks = -(-queued // EMBED_TASK_ITEMS)
+        return UpsertItemsResult(job_id=job_id, results=results, embed_tasks=tasks)
 
     @app.get("/items/{item_id}", response_model=IndexerItem)
     def get_item(item_id: str, engine: EngineDep) -> IndexerItem:
@@ -286,6 +340,7 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
     @app.post("/search", response_model=IndexerSearchResponse)
     def search_vector(
         body: VectorQuery,
+        response: Response,
         engine: EngineDep,
         state: StateDep,
         metrics: MetricsDep,
@@ -299,7 +354,9 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
         snapshot = _snapshot(state)
         with engine.connect() as conn:
             view = snapshot.delta.refresh(conn)
-        metrics.search_latency.labels("search", "delta").observe(time.perf_counter() - started)
+        probed = time.perf_counter()
+        metrics.search_latency.labels("search", "delta").observe(probed - started)
+        timings = {"delta": probed - started}
         if searchable_count(snapshot.build, view) == 0:
             return IndexerSearchResponse(
                 results=[], model_version=body.model_version, index_version=snapshot.index_version
@@ -318,7 +375,7 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
                 "Unprocessable Content",
                 f"vector has {vector.shape[0]} dimensions, expected {dim}",
             )
-        response = _run_search(
+        found = _run_search(
             engine,
             metrics,
             settings,
@@ -329,9 +386,12 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
             body.k,
             body.filters,
             model_version,
+            timings=timings,
         )
         metrics.search_latency.labels("search", "total").observe(time.perf_counter() - started)
-        return response
+        # The gateway passes these on in its own Server-Timing header.
+        response.headers["Server-Timing"] = server_timing(timings)
+        return found
 
     @app.get("/items/{item_id}/similar", response_model=IndexerSearchResponse)
     def similar(

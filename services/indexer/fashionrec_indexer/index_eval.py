@@ -7,8 +7,10 @@ so a perfect index scores 1.0 without the trivial self-match.
 
 recall@k = mean over queries of |annoy_k ∩ exact_k| / k, where an Annoy result also counts when
 its exact cosine equals the k-th exact cosine (within 1e-6): with tied scores any of the tied
-items is a correct answer. Latencies are wall times of one query each (Annoy with search_k;
-exact = one matrix-vector product over all vectors plus a partial sort).
+items is a correct answer. "Annoy" is the served path: `candidates` Annoy answers (in the trees'
+space, possibly a projection) re-scored exactly from vectors.npy. Latencies are wall times of
+one query each (that path with search_k; exact = one matrix-vector product over all vectors plus
+a partial sort).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from sqlalchemy import Engine
 
 from fashionrec_indexer import repository as repo
 from fashionrec_indexer.index_files import LoadedIndex, fetch, open_build
+from fashionrec_indexer.search import annoy_candidates
+from fashionrec_indexer.settings import ANN_CANDIDATES
 
 TIE_EPS = 1e-6
 WARMUP_QUERIES = 10  # page in the mmapped files before timing
@@ -54,8 +58,23 @@ def _ms(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)) * 1000.0, 4)
 
 
+def _served_top(
+    build: LoadedIndex, query: np.ndarray, position: int, k: int, n: int, search_k: int
+) -> list[int]:
+    """The served answer for a stored vector: Annoy candidates re-scored exactly, self left out."""
+    found = np.sort(np.array(annoy_candidates(build, query, n, search_k), dtype=np.int64))
+    found = found[found != position]
+    scores = np.asarray(build.vectors[found]) @ query
+    return [int(found[i]) for i in np.argsort(-scores, kind="stable")[:k]]
+
+
 def evaluate_build(
-    build: LoadedIndex, samples: int = 200, k: int = 5, search_k: int = -1, seed: int = 0
+    build: LoadedIndex,
+    samples: int = 200,
+    k: int = 5,
+    search_k: int = -1,
+    seed: int = 0,
+    candidates: int = ANN_CANDIDATES,
 ) -> dict[str, Any]:
     """Recall@k of Annoy vs exact search and per-query latencies on `samples` stored vectors."""
     if k < 1 or samples < 1:
@@ -67,8 +86,9 @@ def evaluate_build(
     positions = rng.choice(build.size, size=min(samples, build.size), replace=False)
     vectors = build.vectors
     queries = [np.ascontiguousarray(vectors[p], dtype=np.float32) for p in positions]
-    for query in queries[:WARMUP_QUERIES]:
-        build.annoy.get_nns_by_vector(query, k_eff + 1, search_k=search_k)
+    n = max(candidates, k_eff + 1)
+    for position, query in zip(positions[:WARMUP_QUERIES], queries, strict=False):
+        _served_top(build, query, int(position), k_eff, n, search_k)
         np.asarray(vectors) @ query
     annoy_s: list[float] = []
     exact_s: list[float] = []
@@ -76,7 +96,7 @@ def evaluate_build(
     short = 0
     for position, query in zip(positions, queries, strict=True):
         t0 = time.perf_counter()
-        found = build.annoy.get_nns_by_vector(query, k_eff + 1, search_k=search_k)
+        answer = _served_top(build, query, int(position), k_eff, n, search_k)
         t1 = time.perf_counter()
         scores = np.asarray(vectors) @ query
         scores[position] = -np.inf
@@ -84,7 +104,6 @@ def evaluate_build(
         t2 = time.perf_counter()
         annoy_s.append(t1 - t0)
         exact_s.append(t2 - t1)
-        answer = [p for p in found if p != position][:k_eff]
         short += len(answer) < k_eff
         threshold = scores[exact[-1]] - TIE_EPS
         recalls.append(sum(scores[p] >= threshold for p in answer) / k_eff)
@@ -97,6 +116,8 @@ def evaluate_build(
         "dim": build.dim,
         "n_trees": manifest.get("n_trees"),
         "search_k": search_k,
+        "candidates": candidates,
+        "ann_dim": manifest.get("ann_dim", build.dim),
         "k": k_eff,
         "samples": len(positions),
         "seed": seed,
@@ -120,11 +141,14 @@ def evaluate_index(
     k: int = 5,
     search_k: int = -1,
     seed: int = 0,
+    candidates: int = ANN_CANDIDATES,
 ) -> dict[str, Any]:
     """Load the latest ready build and evaluate it (see evaluate_build)."""
     started = time.perf_counter()
     build = load_latest_build(engine, store, index_dir)
-    result = evaluate_build(build, samples=samples, k=k, search_k=search_k, seed=seed)
+    result = evaluate_build(
+        build, samples=samples, k=k, search_k=search_k, seed=seed, candidates=candidates
+    )
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
 
@@ -152,6 +176,7 @@ def render_table(result: dict[str, Any], console: Any = None) -> None:
         "exact ms median / p95", f"{result['exact_ms_median']} / {result['exact_ms_p95']}"
     )
     table.add_section()
-    for key in ("items", "dim", "n_trees", "search_k", "samples", "annoy_short_answers"):
+    keys = ("items", "dim", "ann_dim", "n_trees", "search_k", "candidates", "samples")
+    for key in (*keys, "annoy_short_answers"):
         table.add_row(key, str(result[key]))
     console.print(table)

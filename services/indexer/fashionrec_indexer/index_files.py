@@ -3,7 +3,9 @@
 A build is a directory of files under `indexes/{build_id}/` in object storage:
 index.ann (Annoy, angular), vectors.npy (L2-normalised float32 NxD, for exact re-ranking and the
 exact fallback), items.json (ids, categories, prices in Annoy order, for filtering without SQL)
-and manifest.json (sizes, model version, sha256 of every file, max_change_seq).
+and manifest.json (sizes, model version, sha256 of every file, max_change_seq). When the trees
+are built over a lower-dimensional projection (manifest "ann_dim" < "dim"), projection.npy holds
+the (dim, ann_dim) float32 matrix that maps a query into the trees' space.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fashionrec_shared.storage import BlobStore
 
 METRIC = "angular"
 DATA_FILES = ("index.ann", "vectors.npy", "items.json")
+PROJECTION_FILE = "projection.npy"
 MANIFEST = "manifest.json"
 
 
@@ -44,7 +47,7 @@ def object_key(build_id: str, name: str) -> str:
 def publish(store: BlobStore, build_dir: Path, manifest: dict[str, Any]) -> None:
     """Upload the data files first and the manifest last: a manifest means a complete build."""
     build_id = manifest["build_id"]
-    for name in DATA_FILES:
+    for name in manifest.get("files", DATA_FILES):
         store.upload_file(object_key(build_id, name), build_dir / name)
     store.put(object_key(build_id, MANIFEST), json.dumps(manifest, indent=2).encode())
 
@@ -62,10 +65,15 @@ class LoadedIndex:
     prices: np.ndarray  # float64, NaN where unset
     directory: Path
     positions: dict[uuid.UUID, int]
+    projection: np.ndarray | None = None  # (dim, ann_dim): query → the trees' space
 
     @property
     def dim(self) -> int:
         return int(self.manifest["dim"])
+
+    def ann_vector(self, query: np.ndarray) -> np.ndarray:
+        """The (normalised, full-dimension) query in the space the Annoy trees were built in."""
+        return query if self.projection is None else query @ self.projection
 
     @property
     def size(self) -> int:
@@ -103,9 +111,13 @@ def fetch(store: BlobStore, build_id: str, cache_dir: Path) -> Path:
 def open_build(directory: Path) -> LoadedIndex:
     manifest = json.loads((directory / MANIFEST).read_text())
     dim = int(manifest["dim"])
+    ann_dim = int(manifest.get("ann_dim") or dim)
+    projection = None
+    if ann_dim != dim:
+        projection = np.ascontiguousarray(np.load(directory / PROJECTION_FILE), dtype=np.float32)
     annoy: AnnoyIndex | None = None
     if manifest["item_count"] > 0:
-        annoy = AnnoyIndex(dim, METRIC)
+        annoy = AnnoyIndex(ann_dim, METRIC)
         annoy.load(str(directory / "index.ann"))  # mmap, read-only
     vectors = np.load(directory / "vectors.npy", mmap_mode="r")
     meta = json.loads((directory / "items.json").read_text())
@@ -121,6 +133,7 @@ def open_build(directory: Path) -> LoadedIndex:
         prices=prices,
         directory=directory,
         positions={item_id: i for i, item_id in enumerate(ids)},
+        projection=projection,
     )
 
 

@@ -46,9 +46,10 @@ class DeltaView:
     changed: frozenset[uuid.UUID]  # every changed id: their Annoy entries are stale
     masked_positions: np.ndarray  # positions in the build of `changed` ids
     ids: list[uuid.UUID]  # searchable delta items
-    vectors: np.ndarray  # (M, D) normalised
+    vectors: np.ndarray  # (M, D) normalised, C-contiguous float32: one matvec scores them all
     categories: np.ndarray
     prices: np.ndarray
+    positions: dict[uuid.UUID, int] = field(default_factory=dict)  # id → row of `vectors`
 
     @classmethod
     def empty(cls, model_version: str | None, dim: int | None) -> DeltaView:
@@ -130,6 +131,9 @@ class Delta:
     def _make_view(self) -> DeltaView:
         live = [(i, e) for i, e in self._entries.items() if e.vector is not None]
         dim = self._dim or 0
+        matrix = np.empty((len(live), dim), dtype=np.float32)
+        for row, (_, entry) in enumerate(live):
+            matrix[row] = entry.vector
         masked = [self._positions[i] for i in self._entries if i in self._positions]
         return DeltaView(
             model_version=self._model_version,
@@ -137,15 +141,12 @@ class Delta:
             changed=frozenset(self._entries),
             masked_positions=np.array(masked, dtype=np.int64),
             ids=[i for i, _ in live],
-            vectors=(
-                np.stack([e.vector for _, e in live]).astype(np.float32)
-                if live
-                else np.empty((0, dim), dtype=np.float32)
-            ),
+            vectors=matrix,
             categories=np.array([e.category for _, e in live], dtype=object),
             prices=np.array(
                 [np.nan if e.price is None else e.price for _, e in live], dtype=np.float64
             ),
+            positions={item_id: row for row, (item_id, _) in enumerate(live)},
         )
 
 

@@ -3,6 +3,9 @@
 Guarantees: exactly min(k, eligible) distinct items, sorted by exact cosine (highest first). Annoy
 is approximate and can return fewer neighbours than asked (notably on small or filtered indexes),
 so when its candidates run short the build's vectors are scanned exactly instead.
+Annoy only proposes candidates (at least `candidates` of them, in the trees' space, which may be
+a projection: see builder.write_ann); they are re-scored exactly from vectors.npy, so recall@k
+grows with the candidate count while every returned score is an exact cosine.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from fashionrec_shared.schemas import SearchFilters
 
 from fashionrec_indexer.index_files import LoadedIndex
 from fashionrec_indexer.index_state import DeltaView
+from fashionrec_indexer.settings import ANN_CANDIDATES, SEARCH_K
 
 # Below this share of eligible build items Annoy mostly returns filtered-out ones: scan exactly.
 EXACT_BELOW_FRACTION = 0.2
@@ -52,7 +56,25 @@ def _top(scores: np.ndarray, n: int) -> np.ndarray:
 def annoy_candidates(build: LoadedIndex, query: np.ndarray, n: int, search_k: int) -> list[int]:
     """Annoy's n nearest positions (may return fewer: a known Annoy behaviour)."""
     assert build.annoy is not None
-    return build.annoy.get_nns_by_vector(query, n, search_k=search_k)
+    return build.annoy.get_nns_by_vector(build.ann_vector(query), n, search_k=search_k)
+
+
+def exact_top(
+    vectors: np.ndarray, query: np.ndarray, n: int, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, scores) of the n best rows of a contiguous matrix, best first; one matvec.
+
+    Rows where `mask` is False never win: their scores become -inf instead of gathering the
+    eligible rows (a fancy-index copy of a 10kx2048 matrix costs ~10x the product itself).
+    """
+    scores = vectors @ query
+    if mask is not None:
+        n = min(n, int(mask.sum()))
+        scores[~mask] = -np.inf
+    if n <= 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    rows = _top(scores, n)[:n]
+    return rows, scores[rows]
 
 
 def _search_build(
@@ -61,6 +83,7 @@ def _search_build(
     k: int,
     mask: np.ndarray,
     search_k: int,
+    candidates: int,
 ) -> tuple[list[tuple[uuid.UUID, float]], SearchStats]:
     eligible = int(mask.sum())
     need = min(k, eligible)
@@ -70,7 +93,7 @@ def _search_build(
     use_annoy = build.annoy is not None and eligible >= EXACT_BELOW_FRACTION * build.size
     if use_annoy:
         # Over-fetch in proportion to what the filters and the delta mask out.
-        n = min(build.size, max(16, math.ceil(need * OVERFETCH * build.size / eligible)))
+        n = min(build.size, max(candidates, math.ceil(need * OVERFETCH * build.size / eligible)))
         while True:
             candidates = dict.fromkeys(annoy_candidates(build, query, n, search_k))
             positions = [p for p in candidates if mask[p]]
@@ -78,7 +101,7 @@ def _search_build(
                 break
             n = min(build.size, n * OVERFETCH)
     if len(positions) >= need:
-        chosen = np.array(positions, dtype=np.int64)
+        chosen = np.sort(np.array(positions, dtype=np.int64))  # sequential reads of the mmap
         scores = np.asarray(build.vectors[chosen]) @ query
         order = _top(scores, need)
         hits = [(build.ids[int(chosen[i])], float(scores[i])) for i in order]
@@ -91,6 +114,29 @@ def _search_build(
     return hits, SearchStats(annoy_used=use_annoy, fallback=use_annoy)
 
 
+def _search_delta(
+    delta: DeltaView,
+    query: np.ndarray,
+    k: int,
+    filters: SearchFilters,
+    excluded: set[uuid.UUID],
+) -> list[tuple[uuid.UUID, float]]:
+    """Exact top-k of the delta (items changed since the build): one matvec, no row copies."""
+    mask = None
+    if (
+        filters.category is not None
+        or filters.min_price is not None
+        or (filters.max_price is not None)
+    ):
+        mask = _filter_mask(delta.categories, delta.prices, filters)
+    rows_out = [delta.positions[i] for i in excluded if i in delta.positions]
+    if rows_out:
+        mask = np.ones(len(delta.ids), dtype=bool) if mask is None else mask
+        mask[rows_out] = False
+    rows, scores = exact_top(delta.vectors, query, k, mask)
+    return [(delta.ids[int(r)], float(s)) for r, s in zip(rows, scores, strict=True)]
+
+
 def search(
     build: LoadedIndex | None,
     delta: DeltaView,
@@ -98,9 +144,14 @@ def search(
     k: int,
     filters: SearchFilters | None = None,
     exclude: Collection[uuid.UUID] = (),
-    search_k: int = -1,
+    search_k: int = SEARCH_K,
+    candidates: int = ANN_CANDIDATES,
 ) -> tuple[list[tuple[uuid.UUID, float]], SearchStats]:
-    """(item_id, cosine) of the k best eligible items, best first; `query` must be normalised."""
+    """(item_id, cosine) of the k best eligible items, best first; `query` must be normalised.
+
+    `candidates`: Annoy answers re-scored exactly (at least; more when filters or the delta
+    mask out part of the build). `search_k`: Annoy's; -1 = candidates x n_trees.
+    """
     filters = filters or SearchFilters()
     query = np.ascontiguousarray(query, dtype=np.float32)
     excluded = set(exclude)
@@ -113,16 +164,9 @@ def search(
             position = build.positions.get(item_id)
             if position is not None:
                 mask[position] = False
-        hits, stats = _search_build(build, query, k, mask, search_k)
+        hits, stats = _search_build(build, query, k, mask, search_k, candidates)
     if delta.ids:
-        mask = _filter_mask(delta.categories, delta.prices, filters)
-        if excluded:
-            mask &= np.array([i not in excluded for i in delta.ids], dtype=bool)
-        chosen = np.flatnonzero(mask)
-        if len(chosen):
-            scores = delta.vectors[chosen] @ query
-            for i in _top(scores, min(k, len(chosen))):
-                hits.append((delta.ids[int(chosen[i])], float(scores[i])))
+        hits.extend(_search_delta(delta, query, k, filters, excluded))
     hits.sort(key=lambda hit: -hit[1])
     return [(item_id, max(-1.0, min(1.0, score))) for item_id, score in hits[:k]], stats
 

@@ -173,6 +173,8 @@ def create_worker_app(settings: IndexerSettings) -> Celery:
             resources.engine,
             resources.store,
             n_trees=settings.n_trees,
+            ann_dim=settings.ann_dim,
+            ann_projection=settings.ann_projection,
             force=data.force,
             reason=data.reason,
             settle_s=settings.settle_s,

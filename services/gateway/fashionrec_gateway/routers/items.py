@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import time
+from typing import Annotated, Any
 
 from fashionrec_shared.problems import ProblemError
 from fashionrec_shared.schemas import (
+    BatchAccepted,
+    BatchItemResult,
     ItemAccepted,
     ItemMetadata,
     ItemOut,
     SearchResponse,
     UpsertItem,
+    UpsertItems,
 )
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter, ValidationError
 
 from fashionrec_gateway.blobs import store_image
-from fashionrec_gateway.deps import ApiKeyDep, BlobStoreDep, IndexerDep, SettingsDep
+from fashionrec_gateway.deps import ApiKeyDep, BlobStoreDep, IndexerDep, MetricsDep, SettingsDep
+from fashionrec_gateway.metrics import StageTimer
 from fashionrec_gateway.responses import problems
 from fashionrec_gateway.results import Category, K, Price, make_filters, to_response
 from fashionrec_gateway.urls import image_url, public_base
-from fashionrec_gateway.validation import validate_upload
+from fashionrec_gateway.validation import ValidatedImage, validate_upload
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 
@@ -29,20 +35,31 @@ METADATA_HELP = (
 )
 
 
+BATCH_METADATA_HELP = (
+    "JSON list with one metadata object per `image` part, in the same order "
+    '(each {"sku": required, "title", "category", "price", "attributes"})'
+)
+_JSON_LIST = TypeAdapter(list[Any])
+
+
+def _metadata_problem(exc: ValidationError, prefix: str = "metadata") -> ProblemError:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "json_invalid":
+            parts.append(f"{prefix} is not valid JSON ({err['ctx'].get('error', '')})")
+        elif err["type"] in ("model_type", "model_attributes_type"):
+            parts.append(f"{prefix} must be a JSON object")
+        else:
+            parts.append(f"{prefix}.{where}: {err['msg']}" if where else err["msg"])
+    return ProblemError(422, "Unprocessable Content", "; ".join(parts))
+
+
 def parse_metadata(raw: str) -> ItemMetadata:
     try:
         return ItemMetadata.model_validate_json(raw)
     except ValidationError as exc:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"])
-            if err["type"] == "json_invalid":
-                parts.append(f"metadata is not valid JSON ({err['ctx'].get('error', '')})")
-            elif err["type"] == "model_type":
-                parts.append("metadata must be a JSON object")
-            else:
-                parts.append(f"metadata.{where}: {err['msg']}" if where else err["msg"])
-        raise ProblemError(422, "Unprocessable Content", "; ".join(parts)) from exc
+        raise _metadata_problem(exc) from exc
 
 
 @router.post(
@@ -71,6 +88,125 @@ def add_item(
     ref = store_image(store, "inventory", checked)
     result = indexer.upsert_item(UpsertItem(metadata=meta, image=ref, job_id=job_id))
     return ItemAccepted(item_id=result.item_id, job_id=result.job_id)
+
+
+@router.post(
+    "/batch",
+    status_code=207,
+    response_model=BatchAccepted,
+    summary="Add or replace many items in one request (one job, batched embedding)",
+    description=(
+        "Multipart: one `image` part per item and one `metadata` field holding a JSON list of "
+        "the items' metadata in the same order. Every item is checked like `POST /v1/items`; "
+        "a bad item is rejected on its own (nothing of it is stored) and the others go on. "
+        "The answer is **207 Multi-Status** with one result per item, in request order: "
+        "`status` 202 and its `item_id`, or the item's problem status (413, 415, 422) and "
+        "`detail`. A sku that appears twice in one request: the first occurrence is processed, "
+        "later ones are rejected with 422. Accepted items join one job (`job_id`, or the one "
+        "given as query parameter) and are embedded in batches. Problems of the request as a "
+        "whole (metadata not a list, counts differ, too many items, unknown job, storage or "
+        "indexer down) are problem+json answers and nothing is stored."
+    ),
+    responses=problems(401, 404, 413, 422, 502, 503),
+    dependencies=[ApiKeyDep],
+)
+def add_items_batch(
+    request: Request,
+    image: Annotated[list[UploadFile], File(description="the item photos, one part per item")],
+    metadata: Annotated[str, Form(description=BATCH_METADATA_HELP)],
+    settings: SettingsDep,
+    store: BlobStoreDep,
+    indexer: IndexerDep,
+    metrics: MetricsDep,
+    job_id: Annotated[
+        str | None, Query(max_length=64, description="attach to a job opened by POST /v1/jobs")
+    ] = None,
+) -> JSONResponse:
+    timer = StageTimer(metrics)
+    started = getattr(request.state, "started", None)
+    if started is not None:
+        timer.record("upload", time.perf_counter() - started)
+    try:
+        raw_items = _JSON_LIST.validate_json(metadata)
+    except ValidationError as exc:
+        raise ProblemError(
+            422, "Unprocessable Content", "metadata must be a JSON list of objects"
+        ) from exc
+    if len(image) > settings.max_batch_items:
+        raise ProblemError(
+            413,
+            "Content Too Large",
+            f"{len(image)} items in one request; the limit is {settings.max_batch_items}",
+        )
+    if len(raw_items) != len(image):
+        raise ProblemError(
+            422,
+            "Unprocessable Content",
+            f"{len(image)} image parts but {len(raw_items)} metadata entries; send one each",
+        )
+    if job_id is not None:
+        indexer.get_job(job_id)  # 404 problem for an unknown job
+
+    results: list[BatchItemResult | None] = [None] * len(image)
+    valid: list[tuple[int, ItemMetadata, ValidatedImage]] = []
+    first_of: dict[str, int] = {}
+    with timer.stage("validate"):
+        for n, (raw, upload) in enumerate(zip(raw_items, image, strict=True)):
+            sku = raw.get("sku") if isinstance(raw, dict) else None
+            try:
+                try:
+                    meta = ItemMetadata.model_validate(raw)
+                except ValidationError as exc:
+                    raise _metadata_problem(exc, f"metadata[{n}]") from exc
+                if meta.sku in first_of:
+                    raise ProblemError(
+                        422,
+                        "Unprocessable Content",
+                        f"sku {meta.sku!r} already appears in this request (item "
+                        f"{first_of[meta.sku]}); send each sku once per batch",
+                    )
+                checked = validate_upload(
+                    upload.file, settings.max_upload_bytes, settings.max_image_pixels
+                )
+            except ProblemError as problem:
+                results[n] = BatchItemResult(
+                    index=n,
+                    sku=sku if isinstance(sku, str) else None,
+                    status=problem.status,
+                    title=problem.title,
+                    detail=problem.detail,
+                )
+                continue
+            first_of[meta.sku] = n
+            valid.append((n, meta, checked))
+    with timer.stage("store"):
+        refs = [store_image(store, "inventory", checked) for _, _, checked in valid]
+    accepted_job = job_id
+    if valid:
+        body = UpsertItems(
+            items=[
+                UpsertItem(metadata=meta, image=ref)
+                for (_, meta, _), ref in zip(valid, refs, strict=True)
+            ],
+            job_id=job_id,
+        )
+        with timer.stage("index"):
+            upserted = indexer.upsert_items(body)
+        accepted_job = upserted.job_id
+        for (n, meta, _), result in zip(valid, upserted.results, strict=True):
+            results[n] = BatchItemResult(index=n, sku=meta.sku, status=202, item_id=result.item_id)
+    done = [r for r in results if r is not None]
+    answer = BatchAccepted(
+        job_id=accepted_job,
+        accepted=len(valid),
+        rejected=len(done) - len(valid),
+        results=done,
+    )
+    return JSONResponse(
+        answer.model_dump(mode="json"),
+        status_code=207,
+        headers={"Server-Timing": timer.header()},
+    )
 
 
 @router.get(

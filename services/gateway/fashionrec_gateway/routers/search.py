@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fashionrec_shared.schemas import IndexerSearchResponse, SearchResponse, VectorQuery
@@ -40,16 +41,29 @@ def _embed(
     metrics: GatewayMetrics,
     timeout_s: float,
     model_version: str | None,
-) -> EmbedQueryResult:
-    """The query vector of `model_version` (cached per version); None: the embedder's choice."""
+) -> tuple[EmbedQueryResult, bool]:
+    """(the query vector of `model_version`, whether it came from the cache); None as version:
+    the embedder's choice."""
     cached = cache.get(model_version, ref.sha256) if model_version else None
     if cached is not None:
         metrics.query_cache.labels("hit").inc()
-        return cached
+        return cached, True
     metrics.query_cache.labels("miss").inc()
     result = embedder(ref, timeout_s, model_version)
     cache.put(ref.sha256, result)
-    return result
+    return result, False
+
+
+# The embedder's own timings (EmbedQueryResult.timings_ms) shown as stages of their own; the rest
+# of the embed round trip is "queue": send, waiting for a free worker, result delivery.
+WORKER_STAGES = ("fetch", "decode", "infer")
+
+
+def _record_embed(timer: StageTimer, result: EmbedQueryResult, round_trip_s: float) -> None:
+    worker = {k: result.timings_ms[k] / 1000 for k in WORKER_STAGES if k in result.timings_ms}
+    for name, seconds in worker.items():
+        timer.record(name, seconds)
+    timer.record("queue", round_trip_s - sum(worker.values()))
 
 
 @router.post(
@@ -76,19 +90,30 @@ def search(
 ) -> SearchResponse:
     filters = make_filters(category, min_price, max_price)
     timer = StageTimer(metrics)
+    started = getattr(request.state, "started", None)
+    if started is not None:  # receiving and parsing the multipart body, before this handler
+        timer.record("upload", time.perf_counter() - started)
     with timer.stage("validate"):
         checked = validate_upload(image.file, settings.max_upload_bytes, settings.max_image_pixels)
     with timer.stage("store"):
         ref = store_image(store, "uploads", checked)
 
     def run(model_version: str | None) -> IndexerSearchResponse:
+        t0 = time.perf_counter()
         with timer.stage("embed"):
-            vector = _embed(ref, embedder, cache, metrics, settings.embed_timeout_s, model_version)
+            vector, cached = _embed(
+                ref, embedder, cache, metrics, settings.embed_timeout_s, model_version
+            )
+        if not cached:
+            _record_embed(timer, vector, time.perf_counter() - t0)
         query = VectorQuery(
             vector=vector.vector, model_version=vector.model_version, k=k, filters=filters
         )
         with timer.stage("search"):
-            return indexer.search(query)
+            found, index_timings = indexer.search_timed(query)
+        for name, seconds in index_timings.items():
+            timer.record(f"index-{name}", seconds)
+        return found
 
     version, named = serving.value, None
     for attempt in range(MAX_REEMBEDS + 1):
@@ -105,5 +130,7 @@ def search(
             named = version = conflict.model_version
             metrics.reembeds.inc()
     serving.update(found.model_version)
+    with timer.stage("respond"):
+        answer = to_response(found, public_base(request, settings))
     response.headers["Server-Timing"] = timer.header()
-    return to_response(found, public_base(request, settings))
+    return answer
