@@ -14,6 +14,8 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 
+from fashionrec_cli.datasets import deepfashion_attr, inshop
+
 app = typer.Typer(
     help="fashionrec: visual fashion recommendations (gateway, embedder, indexer).",
     no_args_is_help=True,
@@ -223,32 +225,13 @@ def synth_catalog(
     console.print(f"wrote {path}; load it with: fashionrec ingest {path} --images {out_dir}")
 
 
-@synth.command("deepfashion")
-def synth_deepfashion(
-    out_dir: Annotated[Path, typer.Argument(help="dataset root to create")],
-    images: Annotated[int, typer.Option(min=3, help="number of garments")] = 200,
-    seed: Annotated[int, typer.Option(help="dataset seed")] = 0,
-    size: Annotated[int, typer.Option(min=32, help="image size in pixels")] = 256,
-    csv_layout: Annotated[bool, typer.Option("--csv", help="write labels.csv instead")] = False,
-) -> None:
-    """DeepFashion Category and Attribute Prediction layout (or the simple CSV), for `train`."""
-    from fashionrec_cli.datasets.deepfashion_attr import main as write
-
-    write(out_dir, images=images, seed=seed, size=size, csv_layout=csv_layout)
-
-
-@synth.command("inshop")
-def synth_inshop(
-    out_dir: Annotated[Path, typer.Argument(help="dataset root to create")],
-    items: Annotated[int, typer.Option(min=1, help="number of garments")] = 60,
-    views: Annotated[int, typer.Option(min=2, help="photos per garment")] = 4,
-    seed: Annotated[int, typer.Option(help="dataset seed")] = 0,
-    size: Annotated[int, typer.Option(min=32, help="drawing size in pixels")] = 256,
-) -> None:
-    """DeepFashion In-shop Clothes Retrieval layout, for `evaluate --inshop`."""
-    from fashionrec_cli.datasets.inshop import main as write
-
-    write(out_dir, items=items, views=views, seed=seed, size=size)
+# The dataset writers' own typer functions, so options are defined once.
+synth.command("deepfashion", help="DeepFashion Category and Attribute layout (or CSV), for train.")(
+    deepfashion_attr.main
+)
+synth.command("inshop", help="DeepFashion In-shop Clothes Retrieval layout, for evaluate.")(
+    inshop.main
+)
 
 
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
