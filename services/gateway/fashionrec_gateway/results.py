@@ -12,7 +12,7 @@ from fashionrec_shared.schemas import (
     SearchResponse,
     SearchResult,
 )
-from fastapi import Query
+from fastapi import Depends, Query
 
 from fashionrec_gateway.urls import image_url
 
@@ -22,11 +22,15 @@ Price = Annotated[float | None, Query(ge=0)]
 
 
 def make_filters(
-    category: str | None, min_price: float | None, max_price: float | None
+    category: Category = None, min_price: Price = None, max_price: Price = None
 ) -> SearchFilters:
+    """The optional filters of search and similar, as one query-parameter dependency."""
     if min_price is not None and max_price is not None and min_price > max_price:
         raise ProblemError(422, "Unprocessable Content", "min_price is greater than max_price")
     return SearchFilters(category=category or None, min_price=min_price, max_price=max_price)
+
+
+FiltersDep = Annotated[SearchFilters, Depends(make_filters)]
 
 
 def to_response(found: IndexerSearchResponse, base: str) -> SearchResponse:

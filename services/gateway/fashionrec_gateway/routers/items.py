@@ -24,7 +24,7 @@ from fashionrec_gateway.blobs import store_image
 from fashionrec_gateway.deps import ApiKeyDep, BlobStoreDep, IndexerDep, MetricsDep, SettingsDep
 from fashionrec_gateway.metrics import StageTimer
 from fashionrec_gateway.responses import problems
-from fashionrec_gateway.results import Category, K, Price, make_filters, to_response
+from fashionrec_gateway.results import FiltersDep, K, to_response
 from fashionrec_gateway.urls import image_url, public_base
 from fashionrec_gateway.validation import ValidatedImage, validate_upload
 
@@ -247,11 +247,8 @@ def similar_items(
     request: Request,
     settings: SettingsDep,
     indexer: IndexerDep,
+    filters: FiltersDep,
     k: K = 5,
-    category: Category = None,
-    min_price: Price = None,
-    max_price: Price = None,
 ) -> SearchResponse:
-    filters = make_filters(category, min_price, max_price)
     found = indexer.similar(item_id, k, filters)
     return to_response(found, public_base(request, settings))

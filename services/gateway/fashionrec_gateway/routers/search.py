@@ -23,7 +23,7 @@ from fashionrec_gateway.embedding import QueryEmbedder, QueryVectorCache
 from fashionrec_gateway.indexer_client import IndexerConflict
 from fashionrec_gateway.metrics import GatewayMetrics, StageTimer
 from fashionrec_gateway.responses import problems
-from fashionrec_gateway.results import Category, K, Price, make_filters, to_response
+from fashionrec_gateway.results import FiltersDep, K, to_response
 from fashionrec_gateway.urls import public_base
 from fashionrec_gateway.validation import validate_upload
 
@@ -83,12 +83,9 @@ def search(
     cache: QueryCacheDep,
     serving: ServingVersionDep,
     metrics: MetricsDep,
+    filters: FiltersDep,
     k: K = 5,
-    category: Category = None,
-    min_price: Price = None,
-    max_price: Price = None,
 ) -> SearchResponse:
-    filters = make_filters(category, min_price, max_price)
     timer = StageTimer(metrics)
     started = getattr(request.state, "started", None)
     if started is not None:  # receiving and parsing the multipart body, before this handler
