@@ -153,20 +153,32 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"X-API-Key": api_key} if api_key else {}
 
 
-def _open_job(client: httpx.Client, policy: RetryPolicy) -> str:
+def _job_call(
+    policy: RetryPolicy, request: Callable[[], httpx.Response], expected: int, what: str
+) -> dict[str, Any]:
+    """A job request with retries; any failure becomes an IngestError saying what was tried."""
     try:
-        response = _send(policy, lambda: client.post("/v1/jobs", json={"kind": "ingest"}))
+        response = _send(policy, request)
     except httpx.HTTPError as exc:
-        raise IngestError(f"cannot reach the gateway at {client.base_url}: {exc}") from exc
-    if response.status_code != 201:
+        raise IngestError(f"cannot {what}: cannot reach the gateway ({exc})") from exc
+    if response.status_code != expected:
         raise IngestError(
-            f"the gateway refused to open a job (HTTP {response.status_code}): "
-            f"{problem_detail(response)}"
+            f"cannot {what} (HTTP {response.status_code}): {problem_detail(response)}"
         )
     try:
-        return str(response.json()["job_id"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IngestError(f"unexpected answer to POST /v1/jobs: {response.text[:200]}") from exc
+        body = response.json()
+        if not isinstance(body, dict) or "job_id" not in body:
+            raise ValueError("no job_id")
+        return body
+    except ValueError as exc:
+        raise IngestError(f"cannot {what}: unexpected answer {response.text[:200]}") from exc
+
+
+def _open_job(client: httpx.Client, policy: RetryPolicy) -> str:
+    body = _job_call(
+        policy, lambda: client.post("/v1/jobs", json={"kind": "ingest"}), 201, "open a job"
+    )
+    return str(body["job_id"])
 
 
 def _upload(
@@ -328,20 +340,16 @@ def _wait_for_job(
     task = progress.add_task("embedding", total=summary.uploaded, note="")
     summary.waited = True
     while True:
+        job = _job_call(
+            policy,
+            lambda: client.get(f"/v1/jobs/{summary.job_id}"),
+            200,
+            f"read job {summary.job_id}",
+        )
         try:
-            response = _send(policy, lambda: client.get(f"/v1/jobs/{summary.job_id}"))
-        except httpx.HTTPError as exc:
-            raise IngestError(f"lost the gateway while waiting for the job: {exc}") from exc
-        if response.status_code != 200:
-            raise IngestError(
-                f"cannot read job {summary.job_id} (HTTP {response.status_code}): "
-                f"{problem_detail(response)}"
-            )
-        try:
-            job: dict[str, Any] = response.json()
             summary.done, summary.failed = int(job["done"]), int(job["failed"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IngestError(f"unexpected job answer: {response.text[:200]}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IngestError(f"cannot read job {summary.job_id}: unexpected answer {job}") from exc
         summary.job_status = job.get("status")
         skus = {item_id: sku for sku, item_id in summary.item_ids.items()}
         summary.failures = [
