@@ -37,7 +37,7 @@ def raw_model_rate(
     embedder = Embedder(settings)
     embedder.load()
     files = sorted(image_dir.glob("images/*.jpg"))[:n]
-    tensors = [preprocess(f.read_bytes(), embedder.image_size) for f in files]
+    tensors = [preprocess(f.read_bytes(), embedder.image_size, norm=embedder.norm) for f in files]
     embedder.embed_tensors(tensors[: settings.batch_size])  # warm
     rates = []
     for _ in range(rounds):

@@ -75,6 +75,7 @@ def self_hit(index: np.ndarray, queries: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="random:0")
+    parser.add_argument("--backbone", default="resnet50", help="see benchmarks/quality.py too")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--budget", type=float, default=1.5, help="seconds per measurement")
     parser.add_argument("--items", type=int, default=300)
@@ -87,7 +88,12 @@ def main() -> None:
     bench_started = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="fashionrec-rt-") as tmp:
-        base = {"weights": args.weights, "device": "cpu", "image_size": args.size}
+        base = {
+            "backbone": args.backbone,
+            "weights": args.weights,
+            "device": "cpu",
+            "image_size": args.size,
+        }
         base |= {"cache_dir": Path(tmp), "threads": threads, "batch_size": 16}
         fp32 = Embedder(EmbedderSettings(**base, runtime="onnxruntime"))
         int8 = Embedder(EmbedderSettings(**base, runtime="onnxruntime", precision="int8"))
@@ -212,7 +218,7 @@ def main() -> None:
     RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
 
     print(
-        f"\nResNet50 {args.weights} {size}px, {threads} threads "
+        f"\n{args.backbone} {args.weights} {size}px, {threads} threads "
         f"(export {export_s:.1f}s, int8 quantise {quantize_s:.1f}s)"
     )
     header = f"{'runtime':<22}{'prec':<6}{'b1':>8}{'b8':>8}{'b16':>8}{'min cos':>10}"

@@ -36,11 +36,12 @@ from PIL import Image
 
 def naive(weights: str, cache_dir: Path, files: list[Path], queries: list[bytes]) -> dict:
     import torch
-    from fashionrec_embedder.weights import load_backbone, parse_weights
+    from fashionrec_embedder.weights import load_body, parse_weights
     from sklearn.neighbors import NearestNeighbors
     from torchvision import transforms
 
-    model = load_backbone(parse_weights(weights), cache_dir).eval()  # NCHW, eager, fp32
+    # The peers' model: ResNet50 (a BACKBONE:WEIGHTS spec may name another one).
+    model = load_body(parse_weights(weights, "resnet50"), cache_dir).eval()  # NCHW, eager, fp32
     transform = transforms.Compose(
         [
             transforms.Resize(256),

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fashionrec_shared.tasks import ImageRef
+from fashionrec_shared.tasks import ImageRef, Predicted
 
 ItemStatus = Literal["pending", "indexed", "failed"]
 JobStatus = Literal["queued", "running", "completed", "failed"]
@@ -37,6 +37,18 @@ class SearchFilters(BaseModel):
     category: str | None = None
     min_price: float | None = Field(default=None, ge=0)
     max_price: float | None = Field(default=None, ge=0)
+    # The category the served model predicted for the item image; items without one drop out.
+    predicted_category: str | None = None
+
+    def any_set(self) -> bool:
+        """Whether any filter is set."""
+        return any(value is not None for value in self.model_dump().values())
+
+
+PREDICTED_HELP = (
+    "the served model's predictions for the image (category, attributes above its threshold, "
+    "best first, with confidences in [0, 1]); null for a model without prediction heads"
+)
 
 
 # ---- public API ---------------------------------------------------------------------------
@@ -50,12 +62,18 @@ class SearchResult(BaseModel):
     price: float | None
     score: float = Field(description="cosine similarity in [-1, 1], highest first")
     image_url: str
+    predicted: Predicted | None = Field(default=None, description=PREDICTED_HELP)
 
 
 class SearchResponse(BaseModel):
     results: list[SearchResult]
     model_version: str
     index_version: str | None
+    predicted: Predicted | None = Field(
+        default=None,
+        description="the query photo's predictions (POST /v1/search only); null for a model "
+        "without prediction heads",
+    )
 
 
 class ItemAccepted(BaseModel):
@@ -98,6 +116,7 @@ class ItemOut(BaseModel):
     error: str | None = None
     image_url: str
     model_version: str | None = None
+    predicted: Predicted | None = Field(default=None, description=PREDICTED_HELP)
     created_at: datetime
     updated_at: datetime
 
@@ -167,6 +186,7 @@ class IndexerItem(BaseModel):
     error: str | None = None
     image: ImageRef
     model_version: str | None = None
+    predicted: Predicted | None = Field(default=None, description=PREDICTED_HELP)
     created_at: datetime
     updated_at: datetime
 
@@ -186,6 +206,7 @@ class IndexerHit(BaseModel):
     price: float | None
     score: float
     image: ImageRef
+    predicted: Predicted | None = None
 
 
 class IndexerSearchResponse(BaseModel):
@@ -203,6 +224,40 @@ class IndexInfo(BaseModel):
     # Set while a model change re-embeds the inventory; the old version serves until it is done.
     pending_model_version: str | None = None
     reembed_job_id: str | None = None
+
+
+class EmbedderInfo(BaseModel):
+    """An embedder process's heartbeat (`fashionrec:embedder:alive:<host>:<pid>`), or the
+    `processes` that serve the same (model_version, backbone, weights, runtime, precision).
+    Fields after `model_versions` are newer: older embedders leave them out (null)."""
+
+    model_version: str = Field(description="the primary model's version")
+    dim: int = Field(description="embedding dimension of the primary model")
+    device: str | None = Field(
+        default=None,
+        description="cpu, cuda, …; a group of processes on different devices lists each, "
+        "comma-separated",
+    )
+    model_versions: list[str] = Field(
+        default_factory=list,
+        description="every loaded version, the primary first (in a group: any process's)",
+    )
+    backbone: str | None = None
+    weights: str | None = None
+    runtime: str | None = None
+    precision: str | None = None
+    processes: int = Field(default=1, ge=1, description="embedder processes in this group")
+
+
+class IndexStatus(IndexInfo):
+    """GET /v1/index: the indexer's IndexInfo plus the embedders that are alive."""
+
+    embedders: list[EmbedderInfo] | None = Field(
+        default=None,
+        description="alive embedder processes, one entry per (model_version, backbone, "
+        "weights, runtime, precision), most processes first; null when the heartbeat store "
+        "(Redis) cannot be read",
+    )
 
 
 class RebuildAccepted(BaseModel):

@@ -49,10 +49,24 @@ class EmbedQuery(BaseModel):
     model_version: str | None = None
 
 
+class LabelScore(BaseModel):
+    label: str
+    confidence: float = Field(ge=0.0, le=1.0)
+
+
+class Predicted(BaseModel):
+    """What a trained model's heads say about one image; a plain ImageNet backbone has none."""
+
+    category: LabelScore | None = None
+    # attribute type -> the labels whose probability reaches the model's threshold, best first
+    attributes: dict[str, list[LabelScore]] = Field(default_factory=dict)
+
+
 class EmbedQueryResult(BaseModel):
     vector: str = Field(description="base64 of little-endian float32, L2-normalised")
     dim: int
     model_version: str
+    predicted: Predicted | None = None
     cached: bool = False
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
@@ -74,6 +88,7 @@ class ItemEmbedding(BaseModel):
     item_id: str
     image_sha256: str
     vector: str = Field(description="base64 of little-endian float32, L2-normalised")
+    predicted: Predicted | None = None
 
 
 class ItemFailure(BaseModel):

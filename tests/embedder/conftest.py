@@ -38,6 +38,9 @@ def encode(img: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
 
 def small_settings(tmp_path: Path | None = None, **overrides: object) -> EmbedderSettings:
     values: dict[str, object] = {
+        # ResNet50 (the paper's backbone) for most unit tests; tests/embedder/test_backbones.py
+        # covers the EfficientNet-Lite ones.
+        "backbone": "resnet50",
         "weights": "random:7",
         "device": "cpu",
         "image_size": SMALL,
@@ -50,6 +53,12 @@ def small_settings(tmp_path: Path | None = None, **overrides: object) -> Embedde
         values["cache_dir"] = tmp_path / "cache"
     values.update(overrides)
     return EmbedderSettings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def _resnet50_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read from the environment (CLI, worker processes) use ResNet50 here too."""
+    monkeypatch.setenv("FASHIONREC_EMBEDDER_BACKBONE", "resnet50")
 
 
 @pytest.fixture(scope="session")

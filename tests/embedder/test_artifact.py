@@ -43,7 +43,7 @@ SIZE = 64
 def _net(seed: int = 0) -> MultiTaskNet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = MultiTaskNet(random_backbone(seed), HEADS)
+        net = MultiTaskNet(random_backbone(seed, "resnet50"), HEADS, "resnet50")
     # Non-trivial BatchNorm statistics, as after training.
     with torch.no_grad():
         for module in net.heads.modules():
@@ -67,8 +67,8 @@ def test_export_writes_safetensors_and_a_versioned_config(
     _, out = exported
     assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     config = json.loads((out / CONFIG_NAME).read_text())
-    assert config["format"] == "fashionrec-model" and config["format_version"] == 1
-    assert config["architecture"] == "resnet50-multitask"
+    assert config["format"] == "fashionrec-model" and config["format_version"] == 2
+    assert config["architecture"] == "multitask" and config["backbone"] == "resnet50"
     assert config["heads"][0] == {
         "name": "category",
         "kind": "single_label",
@@ -187,7 +187,8 @@ def test_tampered_config_or_weights_are_refused(
     [
         ({"format": None}, "expected 'fashionrec-model'"),
         ({"format": "keras"}, "expected 'fashionrec-model'"),
-        ({"format_version": 2}, "unsupported format_version 2"),
+        ({"format_version": 3}, "unsupported format_version 3"),
+        ({"backbone": "vgg16"}, "unknown backbone 'vgg16'"),
         ({"architecture": "vit"}, "unknown architecture"),
         ({"heads": []}, "non-empty list"),
         ({"embedding": {"kind": "heads", "dim": 2048}}, "does not match kind"),

@@ -22,6 +22,10 @@ def test_embeddings_are_2048_float32_unit_vectors(random_model: Embedder, images
         "model_version": "resnet50-random-s7-px64",
         "dim": 2048,
         "device": "cpu",
+        "backbone": "resnet50",
+        "weights": "random:7",
+        "runtime": "torch",
+        "precision": "fp32",
     }
 
 

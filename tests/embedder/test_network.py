@@ -22,7 +22,7 @@ HEADS = [
 def net() -> MultiTaskNet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return MultiTaskNet(random_backbone(3), HEADS).eval()
+        return MultiTaskNet(random_backbone(3, "resnet50"), HEADS, "resnet50").eval()
 
 
 def test_forward_gives_one_logit_tensor_per_head(net: MultiTaskNet) -> None:
@@ -49,4 +49,4 @@ def test_parameter_groups_split_body_and_heads(net: MultiTaskNet) -> None:
     body, heads = body_and_heads(net)
     assert len(body) + len(heads) == len(list(net.parameters()))
     assert {id(p) for p in heads} == {id(p) for p in net.heads.parameters()}
-    assert embedding_dim("heads", 5) == 2560 and embedding_dim("pooled", 5) == 2048
+    assert embedding_dim("heads", 5, 2048) == 2560 and embedding_dim("pooled", 5, 2048) == 2048

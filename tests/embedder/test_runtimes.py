@@ -35,7 +35,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("rt-artifact")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        net = MultiTaskNet(random_backbone(3), HEADS)
+        net = MultiTaskNet(random_backbone(3, "resnet50"), HEADS, "resnet50")
         for module in net.heads.modules():  # trained-like BatchNorm statistics
             if isinstance(module, torch.nn.BatchNorm1d):
                 module.running_mean.uniform_(-0.5, 0.5)

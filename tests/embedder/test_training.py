@@ -38,6 +38,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
         freeze_epochs=2,
         image_size=SIZE,
         batch_size=16,
+        backbone="resnet50",
         weights="random:0",
         lr=3e-3,
         device="cpu",
@@ -162,7 +163,7 @@ def test_cli_fine_tunes_frozen_then_unfrozen_and_exports(
     assert config["training"]["epochs"] == 2 and len(config["training"]["history"]) == 2
     # Unfrozen: the body moved away from its initialisation (with the smaller learning rate).
     net, _ = load_artifact(out)
-    start = random_backbone(0).state_dict()
+    start = random_backbone(0, "resnet50").state_dict()
     assert not torch.equal(net.body.state_dict()["conv1.weight"], start["conv1.weight"])
     # Other weights, other version.
     assert config["model_version"] != read_config(trained.out)["model_version"]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from fashionrec_embedder import weights
+from fashionrec_embedder.backbones import file_digest, get_backbone
 from fashionrec_embedder.model import Embedder
 from fashionrec_embedder.weights import (
     WeightsError,
     WeightsSource,
-    clean_state_dict,
     file_state_dict,
     model_version,
     parse_weights,
@@ -42,11 +42,17 @@ def images() -> list:
 
 
 def test_parse_weights(tmp_path: Path) -> None:
-    assert parse_weights("imagenet") == WeightsSource("imagenet")
-    assert parse_weights("random:42") == WeightsSource("random", seed=42)
+    R50 = "resnet50"
+    assert parse_weights("imagenet", R50) == WeightsSource("imagenet", backbone=R50)
+    assert parse_weights("random:42", R50) == WeightsSource("random", seed=42, backbone=R50)
     path = tmp_path / "w.pt"
     path.write_bytes(b"x")
-    assert parse_weights(str(path)) == WeightsSource("file", path=path.resolve())
+    assert parse_weights(str(path), R50) == WeightsSource("file", path=path.resolve(), backbone=R50)
+    # A spec may name its backbone (previous_weights during a backbone change).
+    assert parse_weights("efficientnet-lite0:random:3", R50) == WeightsSource(
+        "random", seed=3, backbone="efficientnet-lite0"
+    )
+    assert parse_weights("resnet50:imagenet") == WeightsSource("imagenet", backbone=R50)
     for bad in ("random", "random:x", "random:-1"):
         with pytest.raises(WeightsError, match="random:SEED"):
             parse_weights(bad)
@@ -57,13 +63,24 @@ def test_parse_weights(tmp_path: Path) -> None:
 def test_model_version_formats(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
     path.write_bytes(b"some bytes")
-    digest = weights.file_sha256(path)
+    digest = file_digest(path)
+    R50 = "resnet50"
     versions = {
-        model_version(WeightsSource("imagenet")): "resnet50-imagenet1k-v2",
-        model_version(WeightsSource("random", seed=3)): "resnet50-random-s3",
-        model_version(WeightsSource("file", path=path)): f"resnet50-file-{digest[:12]}",
-        model_version(WeightsSource("random", seed=3), image_size=128): "resnet50-random-s3-px128",
+        model_version(WeightsSource("imagenet", backbone=R50)): "resnet50-imagenet-11ad3fa6",
+        model_version(WeightsSource("random", seed=3, backbone=R50)): "resnet50-random-s3",
+        model_version(
+            WeightsSource("file", path=path, backbone=R50)
+        ): f"resnet50-file-{digest[:12]}",
+        model_version(
+            WeightsSource("random", seed=3, backbone=R50), image_size=128
+        ): "resnet50-random-s3-px128",
         model_version(WeightsSource("random", seed=10**18 - 1), 1024): None,
+        model_version(
+            WeightsSource("imagenet", backbone="efficientnet-lite2")
+        ): "efficientnet-lite2-imagenet-9656183e",
+        model_version(
+            WeightsSource("random", seed=1, backbone="efficientnet-lite0"), 224
+        ): "efficientnet-lite0-random-s1",
     }
     for got, expected in versions.items():
         assert VERSION_RE.match(got)
@@ -72,16 +89,16 @@ def test_model_version_formats(tmp_path: Path) -> None:
 
 
 def test_random_weights_are_deterministic_per_seed() -> None:
-    a, b, c = random_backbone(1).state_dict(), random_backbone(1).state_dict(), None
+    a, b = random_backbone(1, "resnet50").state_dict(), random_backbone(1, "resnet50").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c = random_backbone(2).state_dict()
+    c = random_backbone(2, "resnet50").state_dict()
     assert not torch.equal(a["conv1.weight"], c["conv1.weight"])
     assert not any(k.startswith("fc.") for k in a)
 
 
 def test_random_weights_log_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="fashionrec.embedder.weights"):
-        weights.load_backbone(WeightsSource("random", seed=5), Path("/nonexistent"))
+        weights.load_body(WeightsSource("random", seed=5), Path("/nonexistent"))
     assert any("meaningless" in r.message and r.levelno == logging.WARNING for r in caplog.records)
 
 
@@ -106,7 +123,9 @@ def test_state_dict_and_safetensors_files_match_the_in_memory_model(
 
 def test_clean_state_dict_drops_head_and_dataparallel_prefix() -> None:
     t = torch.zeros(1)
-    cleaned = clean_state_dict({"module.conv1.weight": t, "fc.weight": t, "module.fc.bias": t})
+    cleaned = get_backbone("resnet50").clean_state_dict(
+        {"module.conv1.weight": t, "fc.weight": t, "module.fc.bias": t}
+    )
     assert list(cleaned) == ["conv1.weight"]
 
 
@@ -153,7 +172,7 @@ def test_non_tensor_and_corrupt_files_are_refused(tmp_path: Path) -> None:
 def test_state_dict_of_another_architecture_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pt"
     torch.save(resnet18(weights=None).state_dict(), path)
-    with pytest.raises(WeightsError, match="do not fit torchvision's ResNet50"):
+    with pytest.raises(WeightsError, match="do not fit the resnet50 backbone"):
         Embedder(small_settings(weights=str(path))).load()
 
 
@@ -166,23 +185,28 @@ def test_imagenet_offline_gives_a_clear_error(
 ) -> None:
     monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
     model = Embedder(small_settings(tmp_path, weights="imagenet"))
-    assert model.model_version == "resnet50-imagenet1k-v2-px64"
+    assert model.model_version == "resnet50-imagenet-11ad3fa6-px64"
     with pytest.raises(WeightsError) as info:
         model.load()
     message = str(info.value)
-    assert "--weights PATH" in message and "random:SEED" in message
+    assert "--weights PATH" in message and "efficientnet-lite" in message
     assert str(tmp_path / "cache") in message
     assert not model.loaded
 
 
-def test_imagenet_uses_the_cached_file_without_network(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: list, random_model: Embedder
+def _no_network(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the network was used")
+
+
+def test_imagenet_uses_the_cached_file_and_checks_its_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     checkpoints = tmp_path / "cache" / "torch-hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    name = weights.IMAGENET_WEIGHTS.url.rsplit("/", 1)[-1]
-    torch.save(_full_resnet50(7).state_dict(), checkpoints / name)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
+    url = get_backbone("resnet50")._url()  # type: ignore[attr-defined]
+    # Not the real file: its sha256 does not start with the digest in its name.
+    torch.save(_full_resnet50(7).state_dict(), checkpoints / url.rsplit("/", 1)[-1])
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
     model = Embedder(small_settings(tmp_path, weights="imagenet"))
-    model.load()
-    np.testing.assert_allclose(model.embed(images), random_model.embed(images), atol=1e-5)
+    with pytest.raises(WeightsError, match="does not match its sha256 prefix 11ad3fa6"):
+        model.load()

@@ -127,14 +127,14 @@ def test_a_many_item_task_runs_in_pipelined_model_batches(
     data = [encode(pattern_image(seed=i), "JPEG", quality=90) for i in range(9)]
     items = [{"item_id": f"i{i}", "image": _put(context, d)} for i, d in enumerate(data)]
     items.insert(4, {"item_id": "missing", "image": _missing_ref()})
-    real = context.model.embed_sources
+    real = context.model.embed_and_predict
     calls: list[int] = []
 
     def spy(sources: list, **kwargs: object) -> list:
         calls.append(len(sources))
         return real(sources, **kwargs)
 
-    monkeypatch.setattr(context.model, "embed_sources", spy)
+    monkeypatch.setattr(context.model, "embed_and_predict", spy)
     sent = Collector()
     summary = embed_items(context, {"items": items}, store_results=sent, task_id="t-many")
     # Windows of PIPELINE_BATCHES model batches: decoding overlaps inference inside each.
@@ -184,7 +184,7 @@ def test_soft_time_limit_reports_unfinished_items(
         {"item_id": f"i{i}", "image": _put(context, encode(pattern_image(seed=i)), ext="png")}
         for i in range(5)
     ]
-    real_embed = context.model.embed_sources
+    real_embed = context.model.embed_and_predict
     calls: list[int] = []
 
     def embed_then_time_out(sources: list, **kwargs: object) -> list:
@@ -193,7 +193,7 @@ def test_soft_time_limit_reports_unfinished_items(
             raise SoftTimeLimitExceeded()
         return real_embed(sources, **kwargs)
 
-    monkeypatch.setattr(context.model, "embed_sources", embed_then_time_out)
+    monkeypatch.setattr(context.model, "embed_and_predict", embed_then_time_out)
     sent = Collector()
     summary = embed_items(context, {"items": items}, store_results=sent, task_id="t-slow")
     assert summary["embedded"] == 2 and summary["failed"] == 3
@@ -309,6 +309,10 @@ def test_worker_process_init_loads_the_model_and_announces_it(
             "model_version": "resnet50-random-s3-px64",
             "dim": 2048,
             "device": "cpu",
+            "backbone": "resnet50",
+            "weights": "random:3",
+            "runtime": "openvino",
+            "precision": "fp32",
             "model_versions": ["resnet50-random-s3-px64"],
         }
         key = context.heartbeat.key

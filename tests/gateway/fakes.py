@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from fashionrec_shared.schemas import IndexerItem, JobOut
-from fashionrec_shared.tasks import EmbedQueryResult
+from fashionrec_shared.tasks import EmbedQueryResult, Predicted
 from fashionrec_shared.vectors import encode_vector
 
 INDEXER_URL = "http://indexer.test"
@@ -62,6 +62,7 @@ class FakeIndexer:
             "error": None,
             "image": {"key": key, "sha256": sha},
             "model_version": self.model_version,
+            "predicted": extra.get("predicted"),
             "created_at": now,
             "updated_at": now,
         }
@@ -82,7 +83,8 @@ class FakeIndexer:
     def _hits(self, k: int, exclude: str | None = None) -> list[dict[str, Any]]:
         hits = []
         for rank, item in enumerate(v for v in self.items.values() if v["item_id"] != exclude):
-            hit = {f: item[f] for f in ("item_id", "sku", "title", "category", "price", "image")}
+            fields = ("item_id", "sku", "title", "category", "price", "image", "predicted")
+            hit = {f: item[f] for f in fields}
             hits.append({**hit, "score": 1.0 - 0.1 * rank})
         return hits[:k]
 
@@ -95,7 +97,8 @@ class FakeIndexer:
             raise httpx.ConnectError("connection refused", request=request)
         body = json.loads(request.content) if request.content else None
         path = request.url.path
-        self.calls.append((request.method, path, body))
+        # GETs are recorded with their query parameters instead of a body.
+        self.calls.append((request.method, path, body or dict(request.url.params) or None))
         method = request.method
         if (method, path) == ("GET", "/readyz"):
             if not self.ready:
@@ -213,12 +216,19 @@ class FakeEmbedder:
 
     # Versions this embedder also holds (a model change): a query naming one gets it.
     also_loaded: tuple[str, ...] = ()
+    # What the heads predict for a query photo, per model version (none: no heads).
+    predicted: dict[str, Predicted] = field(default_factory=dict)
 
     def __call__(self, app: Any, task: str, payload: Any, **options: Any) -> FakeResult:
         self.sent.append((str(task), payload.model_dump(mode="json"), options))
         wanted = getattr(payload, "model_version", None)
         version = wanted if wanted in self.also_loaded else self.model_version
-        result = EmbedQueryResult(vector=encode_vector(unit_vector()), dim=8, model_version=version)
+        result = EmbedQueryResult(
+            vector=encode_vector(unit_vector()),
+            dim=8,
+            model_version=version,
+            predicted=self.predicted.get(version),
+        )
         return FakeResult(value=result.model_dump(mode="json"), error=self.error)
 
 

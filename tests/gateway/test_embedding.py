@@ -11,7 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 from celery import Celery
-from fashionrec_gateway.embedding import CeleryQueryEmbedder, QueryVectorCache, tune_for_requests
+from fashionrec_gateway.embedding import (
+    QVEC_PREFIX,
+    CeleryQueryEmbedder,
+    QueryVectorCache,
+    tune_for_requests,
+)
 from fashionrec_shared.celery_app import make_celery
 from fashionrec_shared.problems import ProblemError
 from fashionrec_shared.settings import BrokerSettings
@@ -89,10 +94,10 @@ def test_query_cache(redis_url: str) -> None:
     cache.put("b" * 64, RESULT)
     assert cache.get("m1", "b" * 64) == RESULT
     assert cache.get("m2", "b" * 64) is None  # keyed by model version
-    assert 0 < client.ttl("fashionrec:qvec:m1:" + "b" * 64) <= 60
-    client.set("fashionrec:qvec:m1:" + "c" * 64, "garbage")
+    assert 0 < client.ttl(f"{QVEC_PREFIX}m1:" + "b" * 64) <= 60
+    client.set(f"{QVEC_PREFIX}m1:" + "c" * 64, "garbage")
     assert cache.get("m1", "c" * 64) is None
-    assert not client.exists("fashionrec:qvec:m1:" + "c" * 64)
+    assert not client.exists(f"{QVEC_PREFIX}m1:" + "c" * 64)
     cache.drop("m1", "b" * 64)
     assert cache.get("m1", "b" * 64) is None
     assert QueryVectorCache(client, ttl_s=0).get("m1", "b" * 64) is None

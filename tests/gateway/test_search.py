@@ -107,7 +107,14 @@ def test_search_happy_path(gateway: Gateway) -> None:
     [query] = gateway.indexer.calls_to("POST", "/search")
     assert query["k"] == 2
     assert query["model_version"] == "m1"
-    assert query["filters"] == {"category": "tops", "min_price": 1.0, "max_price": None}
+    assert query["filters"] == {
+        "category": "tops",
+        "min_price": 1.0,
+        "max_price": None,
+        "predicted_category": None,
+    }
+    # A model without prediction heads: no predictions anywhere.
+    assert body["predicted"] is None and first["predicted"] is None
     timing = response.headers["server-timing"]
     for stage in ("validate", "store", "embed", "search"):
         assert f"{stage};dur=" in timing

@@ -14,7 +14,7 @@ from fashionrec_indexer.db import make_engine, migrate
 from fashionrec_indexer.ingest import store_embeddings
 from fashionrec_shared.schemas import ItemMetadata
 from fashionrec_shared.storage import LocalBlobStore
-from fashionrec_shared.tasks import ImageRef, ItemEmbedding, StoreEmbeddings
+from fashionrec_shared.tasks import ImageRef, ItemEmbedding, Predicted, StoreEmbeddings
 from fashionrec_shared.vectors import encode_vector
 from sqlalchemy import Engine
 
@@ -81,6 +81,7 @@ def embed(
     vector: np.ndarray,
     job_id: uuid.UUID | None = None,
     model: str = MODEL,
+    predicted: Predicted | None = None,
 ) -> None:
     store_embeddings(
         engine,
@@ -90,7 +91,10 @@ def embed(
             dim=vector.shape[0],
             embeddings=[
                 ItemEmbedding(
-                    item_id=str(item_id), image_sha256=image.sha256, vector=encode_vector(vector)
+                    item_id=str(item_id),
+                    image_sha256=image.sha256,
+                    vector=encode_vector(vector),
+                    predicted=predicted,
                 )
             ],
         ),
@@ -104,8 +108,19 @@ def add_item(
     *,
     category: str | None = None,
     price: float | None = None,
+    predicted: Predicted | None = None,
 ) -> uuid.UUID:
-    """An item with its embedding stored (indexed)."""
+    """An item with its embedding stored (indexed), with the model's predictions if given."""
     item_id, image = upsert(engine, sku, category=category, price=price)
-    embed(engine, item_id, image, vector)
+    embed(engine, item_id, image, vector, predicted=predicted)
     return item_id
+
+
+def predicted(category: str | None, confidence: float = 0.9, **attributes: str) -> Predicted:
+    """Predictions of a model with heads: a category and one label per attribute type."""
+    return Predicted.model_validate(
+        {
+            "category": None if category is None else {"label": category, "confidence": confidence},
+            "attributes": {k: [{"label": v, "confidence": 0.5}] for k, v in attributes.items()},
+        }
+    )

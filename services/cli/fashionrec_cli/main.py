@@ -45,8 +45,17 @@ def up(
     weights: Annotated[
         str | None,
         typer.Option(
-            help="model weights: a file, 'imagenet' or 'random:SEED' "
-            "(default: FASHIONREC_EMBEDDER_WEIGHTS, else imagenet)"
+            help="model weights: 'imagenet', a state_dict file, a model directory from "
+            "`fashionrec train`, or 'random:SEED' (default: FASHIONREC_EMBEDDER_WEIGHTS, "
+            "else imagenet)"
+        ),
+    ] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            help="efficientnet-lite0|1|2 (ImageNet weights packaged, work offline) or resnet50 "
+            "(the paper's; ImageNet weights downloaded once) (default: "
+            "FASHIONREC_EMBEDDER_BACKBONE, else efficientnet-lite2)"
         ),
     ] = None,
     embedders: Annotated[int, typer.Option(min=1, help="embedder worker processes")] = 1,
@@ -66,6 +75,7 @@ def up(
         port=port,
         host=host,
         weights=weights,
+        backbone=backbone,
         embedders=embedders,
         ready_timeout_s=ready_timeout,
     )

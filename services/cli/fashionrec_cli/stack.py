@@ -51,6 +51,7 @@ class StackOptions:
     port: int = 8000
     host: str = "127.0.0.1"
     weights: str | None = None
+    backbone: str | None = None
     embedders: int = 1
     ready_timeout_s: float = 300.0
 
@@ -95,6 +96,8 @@ class Stack:
             env["FASHIONREC_STORAGE_LOCAL_DIR"] = str(paths["blobs"])
         if self.options.weights:
             env["FASHIONREC_EMBEDDER_WEIGHTS"] = self.options.weights
+        if self.options.backbone:
+            env["FASHIONREC_EMBEDDER_BACKBONE"] = self.options.backbone
         return env
 
     def start(self, progress: Callable[[str], None] = lambda _: None) -> float:

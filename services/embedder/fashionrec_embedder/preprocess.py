@@ -4,12 +4,14 @@ so a photo of an item and the item's catalogue image are embedded identically.
 Steps: decode with a pixel limit (decompression bombs are refused from the header, before any
 pixel buffer exists), JPEG draft mode (the decoder downscales by 1/2..1/8 for free), EXIF
 orientation, any mode → RGB (transparency composited on white), one resize of the centred square
-to image_size x image_size (= shorter side to image_size, then centre crop), ImageNet mean/std.
+to image_size x image_size (= shorter side to image_size, then centre crop), then the backbone's
+normalisation (ImageNet mean/std for torchvision models, (x - 127) / 128 for TF-trained ones).
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,6 +19,34 @@ from PIL import Image, ImageOps
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel (pixel / 255 - mean) / std, with mean and std in [0, 1] pixel units."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def scale(self) -> np.ndarray:
+        return (1.0 / (255.0 * np.asarray(self.std, dtype=np.float64))).astype(np.float32)
+
+    @property
+    def offset(self) -> np.ndarray:
+        mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
+        return (-mean / std).astype(np.float32)
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"mean": [round(v, 6) for v in self.mean], "std": [round(v, 6) for v in self.std]}
+
+
+IMAGENET = Normalisation(
+    tuple(float(v) for v in IMAGENET_MEAN),  # type: ignore[arg-type]
+    tuple(float(v) for v in IMAGENET_STD),  # type: ignore[arg-type]
+)
+# TensorFlow's EfficientNet-Lite checkpoints: (x - 127) / 128.
+TF_LITE = Normalisation((127 / 255,) * 3, (128 / 255,) * 3)  # type: ignore[arg-type]
 DEFAULT_MAX_PIXELS = 40_000_000
 _WHITE = (255, 255, 255)
 
@@ -99,30 +129,39 @@ def center_square_resize(img: Image.Image, size: int) -> Image.Image:
     )
 
 
-# (x / 255 - mean) / std as one multiply-add per pixel.
-_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
-_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
-
-
-def image_to_array(img: Image.Image, size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """RGB PIL image → float32 array (3, size, size), ImageNet-normalised (into `out` if given)."""
+def image_to_array(
+    img: Image.Image,
+    size: int,
+    out: np.ndarray | None = None,
+    norm: Normalisation = IMAGENET,
+) -> np.ndarray:
+    """RGB PIL image → float32 array (3, size, size), normalised (into `out` if given)."""
     if img.mode != "RGB":
         img = _to_rgb(img)
     pixels = np.asarray(center_square_resize(img, size))  # (S, S, 3) uint8
     if out is None:
         out = np.empty((3, size, size), dtype=np.float32)
-    # Channel-planar writes: one pass per channel, no (S, S, 3) float temporary.
+    scale, offset = norm.scale, norm.offset
+    # (x / 255 - mean) / std as one multiply-add per pixel, one channel-planar pass per channel:
+    # no (S, S, 3) float temporary.
     for c in range(3):
-        np.multiply(pixels[:, :, c], _SCALE[c], out=out[c], dtype=np.float32)
-        out[c] += _OFFSET[c]
+        np.multiply(pixels[:, :, c], scale[c], out=out[c], dtype=np.float32)
+        out[c] += offset[c]
     return out
 
 
-def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image → float32 tensor (3, size, size), ImageNet-normalised."""
-    return torch.from_numpy(image_to_array(img, size))
+def image_to_tensor(img: Image.Image, size: int, norm: Normalisation = IMAGENET) -> torch.Tensor:
+    """RGB PIL image → float32 tensor (3, size, size), normalised."""
+    return torch.from_numpy(image_to_array(img, size, norm=norm))
 
 
-def preprocess(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def preprocess(
+    data: bytes,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    norm: Normalisation = IMAGENET,
+) -> torch.Tensor:
     """Bytes → model input tensor, for inventory and query images alike."""
-    return image_to_tensor(decode_image(data, max_pixels=max_pixels, draft_size=size), size)
+    img = decode_image(data, max_pixels=max_pixels, draft_size=size)
+    return image_to_tensor(img, size, norm)

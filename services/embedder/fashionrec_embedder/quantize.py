@@ -5,9 +5,9 @@ convolutions (weights int8 per output channel, activations uint8 per tensor, ran
 calibration images); ONNX Runtime and OpenVINO both run the QDQ graph with int8 kernels.
 
 Calibration images are preprocessed exactly like serving (JPEG bytes → decode_image with draft →
-image_to_array). They come from `calibration_dir` (a folder of shop images: best, they look like
-what will be served) or, by default, from the synthetic garments of `fashionrec_cli.synthetic`
-(deterministic; present wherever the CLI is installed, e.g. `fashionrec up`).
+image_to_array with the backbone's normalisation). They come from `calibration_dir` (a folder of
+shop images: best, they look like what will be served) or, by default, from `synthetic_jpegs`:
+simple garment-like drawings made here (deterministic, so every machine builds the same model).
 
 int8 vectors differ slightly from fp32 ones, so an int8 model serves its own model version
 (`<fp32 version>-int8`, plus `-c<hash>` of the calibration images when they come from
@@ -19,13 +19,15 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import random
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
 
-from fashionrec_embedder.preprocess import decode_image, image_to_array
-from fashionrec_embedder.runtimes import atomic_path
-from fashionrec_embedder.weights import WeightsError
+from fashionrec_embedder.backbones import WeightsError
+from fashionrec_embedder.preprocess import Normalisation, decode_image, image_to_array
+from fashionrec_embedder.runtimes import INPUT_NAME, atomic_path
 
 log = logging.getLogger("fashionrec.embedder.quantize")
 
@@ -53,28 +55,95 @@ def calibration_tag(directory: Path | None, count: int) -> str:
     return f"-int8-c{digest.hexdigest()[:8]}"
 
 
-def synthetic_jpegs(count: int, seed: int = SYNTHETIC_SEED, size: int = 512) -> list[bytes]:
-    """JPEG bytes of synthetic garments and perturbed 'photos' of them (needs fashionrec_cli)."""
-    try:
-        from fashionrec_cli.synthetic import generate_catalog, make_garment, perturb
-    except ImportError as exc:
-        raise WeightsError(
-            "precision int8 needs calibration images: set FASHIONREC_EMBEDDER_CALIBRATION_DIR "
-            "to a folder of shop images (or install fashionrec-cli for synthetic ones)"
-        ) from exc
+def _garment(rnd: random.Random, size: int) -> Image.Image:
+    """A garment-like drawing: a patterned silhouette (top or bottom) on a light background."""
+    bg = tuple(rnd.randint(215, 250) for _ in range(3))
+    colour = tuple(rnd.randint(20, 235) for _ in range(3))
+    accent = tuple(255 - c for c in colour)
+    img = Image.new("RGB", (size, size), bg)
+    # The pattern, then the silhouette as a mask over it.
+    pattern = Image.new("RGB", (size, size), colour)
+    paint = ImageDraw.Draw(pattern)
+    step = rnd.randint(size // 24, size // 8)
+    kind = rnd.choice(("plain", "stripes", "dots", "checks"))
+    for i in range(0, size, step * 2):
+        if kind in ("stripes", "checks"):
+            paint.rectangle((0, i, size, i + step // 2), fill=accent)
+        if kind == "checks":
+            paint.rectangle((i, 0, i + step // 2, size), fill=accent)
+        if kind == "dots":
+            for j in range(0, size, step * 2):
+                paint.ellipse((i, j, i + step // 2, j + step // 2), fill=accent)
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    s = size
+    if rnd.random() < 0.5:  # a top with sleeves
+        sleeve = rnd.uniform(0.08, 0.2) * s
+        draw.polygon(
+            [(0.3 * s, 0.2 * s), (0.7 * s, 0.2 * s), (0.72 * s, 0.85 * s), (0.28 * s, 0.85 * s)],
+            fill=255,
+        )
+        draw.polygon(
+            [
+                (0.3 * s, 0.2 * s),
+                (0.3 * s - sleeve, 0.55 * s),
+                (0.3 * s - sleeve / 2, 0.58 * s),
+                (0.31 * s, 0.35 * s),
+            ],
+            fill=255,
+        )
+        draw.polygon(
+            [
+                (0.7 * s, 0.2 * s),
+                (0.7 * s + sleeve, 0.55 * s),
+                (0.7 * s + sleeve / 2, 0.58 * s),
+                (0.69 * s, 0.35 * s),
+            ],
+            fill=255,
+        )
+    else:  # trousers or a skirt
+        flare = rnd.uniform(0.0, 0.2) * s
+        draw.polygon(
+            [
+                (0.35 * s, 0.15 * s),
+                (0.65 * s, 0.15 * s),
+                (0.68 * s + flare, 0.9 * s),
+                (0.32 * s - flare, 0.9 * s),
+            ],
+            fill=255,
+        )
+        if rnd.random() < 0.5:
+            draw.polygon(
+                [
+                    (0.48 * s, 0.4 * s),
+                    (0.52 * s, 0.4 * s),
+                    (0.53 * s, 0.9 * s),
+                    (0.47 * s, 0.9 * s),
+                ],
+                fill=0,
+            )
+    img.paste(pattern, (0, 0), mask.filter(ImageFilter.GaussianBlur(1)))
+    angle = rnd.uniform(-8, 8)
+    return img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=bg)
+
+
+def synthetic_jpegs(count: int, seed: int = SYNTHETIC_SEED, size: int = 384) -> list[bytes]:
+    """JPEG bytes of `count` deterministic garment-like drawings (the default calibration)."""
+    rnd = random.Random(seed)
     out: list[bytes] = []
-    for i, spec in enumerate(generate_catalog(count, seed=seed, size=size)):
-        img = make_garment(spec)
-        if i % 2:
-            img = perturb(img, seed + i)
+    for _ in range(count):
         buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=90)
+        _garment(rnd, size).save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 
 
 def calibration_batch(
-    image_size: int, count: int, directory: Path | None = None, max_pixels: int = 40_000_000
+    image_size: int,
+    norm: Normalisation,
+    count: int,
+    directory: Path | None = None,
+    max_pixels: int = 40_000_000,
 ) -> np.ndarray:
     """(count, 3, S, S) float32 inputs, preprocessed exactly like served images."""
     if directory is not None:
@@ -82,7 +151,9 @@ def calibration_batch(
     else:
         blobs = synthetic_jpegs(count)
     arrays = [
-        image_to_array(decode_image(b, max_pixels=max_pixels, draft_size=image_size), image_size)
+        image_to_array(
+            decode_image(b, max_pixels=max_pixels, draft_size=image_size), image_size, norm=norm
+        )
         for b in blobs
     ]
     return np.stack(arrays)
@@ -98,8 +169,6 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from fashionrec_embedder.runtimes import INPUT_NAME
 
     class Reader(CalibrationDataReader):
         """The calibration batch in chunks of 8 images."""
@@ -130,7 +199,16 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
             calibrate_method=CalibrationMethod.MinMax,
             # The small embedding heads (Gemm/MatMul) and the normalisation stay float: they
             # cost nothing and keep the head embedding closest to fp32.
-            op_types_to_quantize=["Conv", "Add", "Relu", "MaxPool", "GlobalAveragePool"],
+            # Clip: EfficientNet-Lite's ReLU6.
+            op_types_to_quantize=[
+                "Conv",
+                "Add",
+                "Relu",
+                "Clip",
+                "MaxPool",
+                "GlobalAveragePool",
+                "ReduceMean",
+            ],
         )
     int8_path.with_suffix(".pre.onnx").unlink(missing_ok=True)
     return int8_path

@@ -24,7 +24,6 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,9 +33,10 @@ log = logging.getLogger("fashionrec.embedder.runtimes")
 
 RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime", "openvino")
 # Bump when the exported graph changes meaning (e.g. the exporter or the wrapper below).
-ONNX_FORMAT = "v1"
+ONNX_FORMAT = "v2"
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
+OUTPUT_NAMES = [OUTPUT_NAME, "probabilities"]  # a trained model's graph has both
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -105,18 +105,32 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
-class Runtime(Protocol):
+Outputs = tuple[np.ndarray, np.ndarray | None]
+
+
+class Runtime:
+    """Runs the served function: images → (unit embeddings, head probabilities or None)."""
+
     name: str
 
+    def run(self, batch: np.ndarray) -> Outputs:
+        """(N, 3, S, S) float32 normalised input → ((N, dim) unit vectors, (N, P) or None)."""
+        raise NotImplementedError
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 ImageNet-normalised input → (N, dim) float32 unit vectors."""
-        ...
+        """The embeddings only."""
+        return self.run(batch)[0]
+
+
+def _outputs(values: list[np.ndarray]) -> Outputs:
+    probs = np.asarray(values[1], dtype=np.float32) if len(values) > 1 else None
+    return l2_normalise(values[0]), probs
 
 
 # ---- torch --------------------------------------------------------------------------------
 
 
-class TorchRuntime:
+class TorchRuntime(Runtime):
     """Eager torch, channels_last (oneDNN/cuDNN pick their fast kernels); fp16 autocast on CUDA."""
 
     name = "torch"
@@ -132,28 +146,33 @@ class TorchRuntime:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> Outputs:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
                 out = self.module(x)
-            out = nn.functional.normalize(out.float(), p=2.0, dim=1)
-            return out.cpu().numpy().astype(np.float32, copy=False)
+            values = list(out) if isinstance(out, tuple) else [out]
+            values[0] = nn.functional.normalize(values[0].float(), p=2.0, dim=1)
+            return _outputs([v.float().cpu().numpy() for v in values])
 
 
 # ---- ONNX export --------------------------------------------------------------------------
 
 
 class _Normalised(nn.Module):
-    """The served function: images → L2-normalised embedding (a no-op for unit outputs)."""
+    """The served function: images → L2-normalised embedding (a no-op for unit outputs), and
+    the head probabilities when the module returns them too."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.module(x).float(), p=2.0, dim=1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.module(x)
+        if isinstance(out, tuple):
+            return nn.functional.normalize(out[0].float(), p=2.0, dim=1), out[1].float()
+        return nn.functional.normalize(out.float(), p=2.0, dim=1)
 
 
 def onnx_path(cache_dir: Path, model_version: str, image_size: int, variant: str = "") -> Path:
@@ -196,6 +215,8 @@ def export_onnx(module: nn.Module, path: Path, image_size: int) -> Path:
     """Export `module` (eval mode, CPU) with a dynamic batch axis to `path`, atomically."""
     wrapper = _Normalised(module).eval().to("cpu", memory_format=torch.contiguous_format)
     example = torch.zeros(2, 3, image_size, image_size)
+    with torch.no_grad():
+        outputs = [OUTPUT_NAME] if isinstance(wrapper(example), torch.Tensor) else OUTPUT_NAMES
     with atomic_path(path) as tmp, _quiet_exporter(), torch.no_grad():
         # The dynamo exporter (the legacy TorchScript one is deprecated); opset 18 is its native
         # opset, so no version conversion runs. One self-contained file (ResNet50 < 2 GB).
@@ -204,7 +225,7 @@ def export_onnx(module: nn.Module, path: Path, image_size: int) -> Path:
             (example,),
             str(tmp),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=outputs,
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
             opset_version=18,
             dynamo=True,
@@ -228,7 +249,7 @@ def ensure_onnx(
 # ---- ONNX Runtime ---------------------------------------------------------------------------
 
 
-class OrtRuntime:
+class OrtRuntime(Runtime):
     name = "onnxruntime"
 
     def __init__(self, path: Path, *, threads: int, cuda: bool = False) -> None:
@@ -245,15 +266,15 @@ class OrtRuntime:
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input = self.session.get_inputs()[0].name
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> Outputs:
         x = np.ascontiguousarray(batch, dtype=np.float32)
-        return l2_normalise(self.session.run(None, {self.input: x})[0])
+        return _outputs(self.session.run(None, {self.input: x}))
 
 
 # ---- OpenVINO -------------------------------------------------------------------------------
 
 
-class OpenVinoRuntime:
+class OpenVinoRuntime(Runtime):
     name = "openvino"
 
     def __init__(self, path: Path, *, threads: int) -> None:
@@ -271,10 +292,10 @@ class OpenVinoRuntime:
         self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         self.request = self.compiled.create_infer_request()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> Outputs:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         out = self.request.infer({0: x}, share_inputs=True)
-        return l2_normalise(np.array(out[0], copy=True))
+        return _outputs([np.array(out[port], copy=True) for port in self.compiled.outputs])
 
 
 def onnx_runtime(name: str, path: Path, *, threads: int, device: torch.device) -> Runtime:

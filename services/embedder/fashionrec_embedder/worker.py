@@ -356,7 +356,8 @@ def embed_query(
     t1 = time.perf_counter()
     image = decode_image_checked(context, request.image, data)
     t2 = time.perf_counter()
-    vector = model.embed([image])[0]
+    embedded = model.embed_image(image)
+    vector = embedded.vector
     t3 = time.perf_counter()
     if not _valid_vector(vector):
         raise ValueError("the model produced a non-finite or zero embedding for this image")
@@ -364,6 +365,7 @@ def embed_query(
         vector=encode_vector(vector),
         dim=int(vector.shape[0]),
         model_version=model.model_version,
+        predicted=embedded.predicted,
         timings_ms={
             "fetch": round((t1 - t0) * 1000, 2),
             "decode": round((t2 - t1) * 1000, 2),
@@ -433,7 +435,7 @@ def embed_items(
                 # The model's pipeline fetches and decodes the next batch on its decode threads
                 # while the current one is inferred.
                 sources = [functools.partial(load_image, context, item.image) for item in chunk]
-                outcomes = model.embed_sources(sources, catch=(BlobNotFound, ValueError))
+                outcomes = model.embed_and_predict(sources, catch=(BlobNotFound, ValueError))
                 for item, outcome in zip(chunk, outcomes, strict=True):
                     if isinstance(outcome, BlobNotFound):
                         failures.append(
@@ -441,12 +443,13 @@ def embed_items(
                         )
                     elif isinstance(outcome, BaseException):  # ImageDecodeError, ImageMismatch
                         failures.append(_failure(item, str(outcome)))
-                    elif _valid_vector(outcome):
+                    elif _valid_vector(outcome.vector):
                         embeddings.append(
                             ItemEmbedding(
                                 item_id=item.item_id,
                                 image_sha256=item.image.sha256,
-                                vector=encode_vector(outcome),
+                                vector=encode_vector(outcome.vector),
+                                predicted=outcome.predicted,
                             )
                         )
                     else:

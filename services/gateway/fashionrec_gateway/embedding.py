@@ -25,7 +25,9 @@ from pydantic import ValidationError
 
 log = logging.getLogger("fashionrec.gateway.embedding")
 
-QVEC_PREFIX = "fashionrec:qvec:"
+# v2: entries hold the query's predictions too; older entries (written without them) are
+# never read, so a model with heads never answers from a cache entry that lost them.
+QVEC_PREFIX = "fashionrec:qvec:v2:"
 
 
 class QueryEmbedder(Protocol):
@@ -159,7 +161,7 @@ def qvec_key(model_version: str, sha256: str) -> str:
 
 
 class QueryVectorCache:
-    """EmbedQueryResult JSON under `fashionrec:qvec:{model_version}:{sha256}`.
+    """EmbedQueryResult JSON (vector and predictions) under `{QVEC_PREFIX}{model_version}:{sha256}`.
 
     Keyed by version, so a model change never serves a stale vector: an entry is valid as long
     as its version is. Redis trouble is a cache miss.

@@ -12,6 +12,7 @@ from fashionrec_shared.schemas import (
     SearchResponse,
     SearchResult,
 )
+from fashionrec_shared.tasks import Predicted
 from fastapi import Depends, Query
 
 from fashionrec_gateway.urls import image_url
@@ -19,21 +20,40 @@ from fashionrec_gateway.urls import image_url
 K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
 Category = Annotated[str | None, Query(max_length=128, description="only this category")]
 Price = Annotated[float | None, Query(ge=0)]
+PredictedCategory = Annotated[
+    str | None,
+    Query(
+        max_length=128,
+        description="only items whose image the served model predicts as this category "
+        "(see `predicted` in results); items without a prediction never match",
+    ),
+]
 
 
 def make_filters(
-    category: Category = None, min_price: Price = None, max_price: Price = None
+    category: Category = None,
+    min_price: Price = None,
+    max_price: Price = None,
+    predicted_category: PredictedCategory = None,
 ) -> SearchFilters:
     """The optional filters of search and similar, as one query-parameter dependency."""
     if min_price is not None and max_price is not None and min_price > max_price:
         raise ProblemError(422, "Unprocessable Content", "min_price is greater than max_price")
-    return SearchFilters(category=category or None, min_price=min_price, max_price=max_price)
+    return SearchFilters(
+        category=category or None,
+        min_price=min_price,
+        max_price=max_price,
+        predicted_category=predicted_category or None,
+    )
 
 
 FiltersDep = Annotated[SearchFilters, Depends(make_filters)]
 
 
-def to_response(found: IndexerSearchResponse, base: str) -> SearchResponse:
+def to_response(
+    found: IndexerSearchResponse, base: str, predicted: Predicted | None = None
+) -> SearchResponse:
+    """Public results; `predicted`: the query photo's predictions (search only)."""
     return SearchResponse(
         results=[
             SearchResult(
@@ -44,9 +64,11 @@ def to_response(found: IndexerSearchResponse, base: str) -> SearchResponse:
                 price=hit.price,
                 score=hit.score,
                 image_url=image_url(base, hit.image.key),
+                predicted=hit.predicted,
             )
             for hit in found.results
         ],
         model_version=found.model_version,
         index_version=found.index_version,
+        predicted=predicted,
     )

@@ -30,11 +30,12 @@ from fashionrec_shared.schemas import (
     VectorQuery,
 )
 from fashionrec_shared.storage import make_blob_store
-from fashionrec_shared.tasks import BuildIndex, EmbedItem, EmbedItems, ImageRef, TaskName
+from fashionrec_shared.tasks import BuildIndex, EmbedItem, EmbedItems, ImageRef, Predicted, TaskName
 from fashionrec_shared.vectors import decode_vector
 from fastapi import Depends, FastAPI, Query, Request, Response
 from kombu.exceptions import OperationalError as KombuOperationalError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
@@ -105,6 +106,17 @@ def _send(celery: Celery, task: TaskName, payload: Any) -> str:
         raise ProblemError(503, "Service Unavailable", "the task broker is unavailable") from exc
 
 
+def _predicted(raw: Any) -> Predicted | None:
+    """Stored predictions (JSONB) as the contract's model; unreadable ones count as none."""
+    if raw is None:
+        return None
+    try:
+        return Predicted.model_validate(raw)
+    except ValidationError:
+        log.warning("ignoring unreadable stored predictions: %.200r", raw)
+        return None
+
+
 def _item_out(row: Any) -> IndexerItem:
     return IndexerItem(
         item_id=str(row.id),
@@ -117,6 +129,7 @@ def _item_out(row: Any) -> IndexerItem:
         error=row.error,
         image=ImageRef(key=row.image_key, sha256=row.image_sha256),
         model_version=row.model_version,
+        predicted=_predicted(row.predicted),
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
@@ -161,7 +174,7 @@ def _run_search(
     searched = time.perf_counter()
     metrics.search_latency.labels(endpoint, "ann").observe(searched - started)
     with engine.connect() as conn:
-        rows = repo.hits_metadata(conn, [item_id for item_id, _ in hits])
+        rows = repo.hits_metadata(conn, [item_id for item_id, _ in hits], model_version)
     finished = time.perf_counter()
     metrics.search_latency.labels(endpoint, "metadata").observe(finished - searched)
     if timings is not None:
@@ -175,6 +188,7 @@ def _run_search(
             price=rows[item_id].price,
             score=score,
             image=ImageRef(key=rows[item_id].image_key, sha256=rows[item_id].image_sha256),
+            predicted=_predicted(rows[item_id].predicted),
         )
         for item_id, score in hits
         if item_id in rows  # deleted between the delta probe and now
@@ -324,7 +338,8 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
     @app.get("/items/{item_id}", response_model=IndexerItem)
     def get_item(item_id: str, engine: EngineDep) -> IndexerItem:
         with engine.connect() as conn:
-            row = repo.get_item(conn, _item_uuid(item_id))
+            # Predictions of the version searches are served with, as filters see them.
+            row = repo.get_item(conn, _item_uuid(item_id), repo.active_model_version(conn))
         if row is None:
             raise ProblemError(404, "Not Found", f"no item {item_id!r}")
         return _item_out(row)
@@ -404,6 +419,7 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
         category: str | None = None,
         min_price: Annotated[float | None, Query(ge=0)] = None,
         max_price: Annotated[float | None, Query(ge=0)] = None,
+        predicted_category: str | None = None,
     ) -> IndexerSearchResponse:
         started = time.perf_counter()
         item_uuid = _item_uuid(item_id)
@@ -419,7 +435,12 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
                 409, "Conflict", f"item {item_id} has no embedding for the active model yet"
             )
         vector = _normalise(np.frombuffer(row.vector, dtype="<f4").astype(np.float32))
-        filters = SearchFilters(category=category, min_price=min_price, max_price=max_price)
+        filters = SearchFilters(
+            category=category,
+            min_price=min_price,
+            max_price=max_price,
+            predicted_category=predicted_category,
+        )
         assert model_version is not None
         response = _run_search(
             engine,

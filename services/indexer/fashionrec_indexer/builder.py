@@ -224,6 +224,7 @@ def _write_build(
 ) -> dict[str, Any]:
     ids: list[str] = []
     categories: list[str | None] = []
+    predicted_categories: list[str | None] = []
     prices: list[float | None] = []
     # One REPEATABLE READ snapshot: the rows and max_change_seq describe the same instant.
     with (
@@ -243,6 +244,7 @@ def _write_build(
                 vectors[i] = vector / norm if norm > 0 else vector
                 ids.append(str(row.id))
                 categories.append(row.category)
+                predicted_categories.append(row.predicted_category)
                 prices.append(row.price)
                 if bar and i % 256 == 0:
                     bar.update(task, completed=i + 1)
@@ -252,7 +254,14 @@ def _write_build(
             ann = make_ann(vectors, bar)
     del vectors
     (out / "items.json").write_text(
-        json.dumps({"ids": ids, "categories": categories, "prices": prices})
+        json.dumps(
+            {
+                "ids": ids,
+                "categories": categories,
+                "predicted_categories": predicted_categories,
+                "prices": prices,
+            }
+        )
     )
     return {
         "build_id": build_id,

@@ -2,7 +2,9 @@
 
 A build is a directory of files under `indexes/{build_id}/` in object storage:
 index.ann (Annoy, angular), vectors.npy (L2-normalised float32 NxD, for exact re-ranking and the
-exact fallback), items.json (ids, categories, prices in Annoy order, for filtering without SQL)
+exact fallback), items.json (ids, categories, the build model's predicted categories and prices
+in Annoy order, for filtering without SQL; builds older than predictions have no
+predicted_categories: all None)
 and manifest.json (sizes, model version, sha256 of every file, max_change_seq). When the trees
 are built over a lower-dimensional projection (manifest "ann_dim" < "dim"), projection.npy holds
 the (dim, ann_dim) float32 matrix that maps a query into the trees' space.
@@ -62,6 +64,7 @@ class LoadedIndex:
     vectors: np.ndarray  # (N, D) float32, L2-normalised
     ids: list[uuid.UUID]
     categories: np.ndarray  # object array, None where unset
+    predicted_categories: np.ndarray  # object array: the build model's predictions, None if none
     prices: np.ndarray  # float64, NaN where unset
     directory: Path
     positions: dict[uuid.UUID, int]
@@ -123,6 +126,7 @@ def open_build(directory: Path) -> LoadedIndex:
     meta = json.loads((directory / "items.json").read_text())
     prices = np.array([np.nan if p is None else float(p) for p in meta["prices"]], dtype=np.float64)
     ids = [uuid.UUID(i) for i in meta["ids"]]
+    predicted = meta.get("predicted_categories") or [None] * len(ids)
     return LoadedIndex(
         build_id=manifest["build_id"],
         manifest=manifest,
@@ -130,6 +134,7 @@ def open_build(directory: Path) -> LoadedIndex:
         vectors=vectors,
         ids=ids,
         categories=np.array(meta["categories"], dtype=object),
+        predicted_categories=np.array(predicted, dtype=object),
         prices=prices,
         directory=directory,
         positions={item_id: i for i, item_id in enumerate(ids)},

@@ -35,6 +35,7 @@ class DeltaEntry:
     vector: np.ndarray | None  # normalised; None when not searchable (deleted, not embedded)
     category: str | None
     price: float | None
+    predicted_category: str | None = None  # of the delta's model version
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class DeltaView:
     categories: np.ndarray
     prices: np.ndarray
     positions: dict[uuid.UUID, int] = field(default_factory=dict)  # id → row of `vectors`
+    predicted_categories: np.ndarray | None = None  # object array like `categories`; None: none
 
     @classmethod
     def empty(cls, model_version: str | None, dim: int | None) -> DeltaView:
@@ -62,6 +64,7 @@ class DeltaView:
             vectors=np.empty((0, dim or 0), dtype=np.float32),
             categories=np.empty(0, dtype=object),
             prices=np.empty(0, dtype=np.float64),
+            predicted_categories=np.empty(0, dtype=object),
         )
 
 
@@ -118,7 +121,7 @@ class Delta:
                         if self._dim is not None and vector.shape[0] != self._dim:
                             vector = None
                     self._entries[row.id] = DeltaEntry(
-                        row.change_seq, vector, row.category, row.price
+                        row.change_seq, vector, row.category, row.price, row.predicted_category
                     )
                 self._view = self._make_view()
             # Advance only over a settled prefix: a lower sequence value may still be in flight.
@@ -147,6 +150,7 @@ class Delta:
                 [np.nan if e.price is None else e.price for _, e in live], dtype=np.float64
             ),
             positions={item_id: row for row, (item_id, _) in enumerate(live)},
+            predicted_categories=np.array([e.predicted_category for _, e in live], dtype=object),
         )
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-from fashionrec_shared.tasks import StoreEmbeddings
+from fashionrec_shared.tasks import Predicted, StoreEmbeddings
 from fashionrec_shared.vectors import DTYPE, decode_vector
 from sqlalchemy import Connection, Engine, Row
 
@@ -57,6 +58,7 @@ def store_embeddings(
             "model_version": payload.model_version,
             "dim": payload.dim,
             "vector": vector.astype(DTYPE).tobytes(),
+            **prediction_columns(embedding.predicted),
         }
         successes.append((item_id, embedding.image_sha256))
     for failure in payload.failures:
@@ -84,6 +86,14 @@ def store_embeddings(
             failed += repo.mark_failed(conn, item_id, error)
             repo.finish_job_item(conn, job_id, item_id, "failed", error)
     return StoreOutcome(indexed, failed, changed_since_last_build(engine))
+
+
+def prediction_columns(predicted: Predicted | None) -> dict[str, Any]:
+    """The embeddings row's `predicted` (JSON) and `predicted_category` of a model's predictions."""
+    if predicted is None:
+        return {"predicted": None, "predicted_category": None}
+    category = predicted.category.label if predicted.category is not None else None
+    return {"predicted": predicted.model_dump(mode="json"), "predicted_category": category}
 
 
 def _store_reembed(

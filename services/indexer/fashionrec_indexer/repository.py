@@ -9,7 +9,18 @@ from typing import Any
 
 from fashionrec_shared.schemas import ItemMetadata
 from fashionrec_shared.tasks import ImageRef
-from sqlalchemy import Connection, Row, and_, exists, false, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    and_,
+    exists,
+    false,
+    func,
+    null,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 
 from fashionrec_indexer.schema import change_seq, embeddings, index_builds, items, job_items, jobs
@@ -215,8 +226,9 @@ def upsert_item(
     return Upserted(item_id=item_id, created=created, status=status)
 
 
-def item_columns() -> list[Any]:
-    # The model version of the item's current image embedding (newest first), for display.
+def item_columns(served_version: str | None = None) -> list[Any]:
+    """The item, the model version of its current image's newest embedding (for display) and
+    the predictions of `served_version` for that image (column `predicted`, NULL without one)."""
     model = (
         select(embeddings.c.model_version)
         .where(embeddings.c.image_sha256 == items.c.image_sha256)
@@ -224,12 +236,25 @@ def item_columns() -> list[Any]:
         .limit(1)
         .scalar_subquery()
     )
-    return [*items.c, model.label("model_version")]
+    predicted: Any = null()
+    if served_version is not None:
+        predicted = (
+            select(embeddings.c.predicted)
+            .where(
+                embeddings.c.image_sha256 == items.c.image_sha256,
+                embeddings.c.model_version == served_version,
+            )
+            .scalar_subquery()
+        )
+    return [*items.c, model.label("model_version"), predicted.label("predicted")]
 
 
-def get_item(conn: Connection, item_id: uuid.UUID) -> Row | None:
+def get_item(conn: Connection, item_id: uuid.UUID, served_version: str | None = None) -> Row | None:
+    """A live item; with `served_version`, also its predictions under that version."""
     return conn.execute(
-        select(*item_columns()).where(items.c.id == item_id, items.c.deleted_at.is_(None))
+        select(*item_columns(served_version)).where(
+            items.c.id == item_id, items.c.deleted_at.is_(None)
+        )
     ).first()
 
 
@@ -257,10 +282,17 @@ def item_vector(conn: Connection, item_id: uuid.UUID, model_version: str | None)
     ).first()
 
 
-def hits_metadata(conn: Connection, item_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Row]:
-    """Metadata of search hits in one query; deleted items are left out."""
+def hits_metadata(
+    conn: Connection, item_ids: Sequence[uuid.UUID], model_version: str
+) -> dict[uuid.UUID, Row]:
+    """Metadata of search hits, with their predictions under `model_version`, in one query;
+    deleted items are left out."""
     if not item_ids:
         return {}
+    join_on = and_(
+        embeddings.c.image_sha256 == items.c.image_sha256,
+        embeddings.c.model_version == model_version,
+    )
     rows = conn.execute(
         select(
             items.c.id,
@@ -270,7 +302,10 @@ def hits_metadata(conn: Connection, item_ids: Sequence[uuid.UUID]) -> dict[uuid.
             items.c.price,
             items.c.image_key,
             items.c.image_sha256,
-        ).where(items.c.id.in_(list(item_ids)), items.c.deleted_at.is_(None))
+            embeddings.c.predicted,
+        )
+        .select_from(items.outerjoin(embeddings, join_on))
+        .where(items.c.id.in_(list(item_ids)), items.c.deleted_at.is_(None))
     )
     return {row.id: row for row in rows}
 
@@ -307,7 +342,13 @@ def build_rows(conn: Connection, model_version: str, dim: int) -> Any:
     """Live items with an embedding of `model_version`, streamed (for index builds)."""
     source, where = _searchable(model_version, dim)
     return conn.execution_options(stream_results=True, yield_per=2000).execute(
-        select(items.c.id, items.c.category, items.c.price, embeddings.c.vector)
+        select(
+            items.c.id,
+            items.c.category,
+            items.c.price,
+            embeddings.c.predicted_category,
+            embeddings.c.vector,
+        )
         .select_from(source)
         .where(where)
         .order_by(items.c.id)
@@ -370,6 +411,7 @@ def delta_rows(
                 items.c.deleted_at,
                 items.c.category,
                 items.c.price,
+                embeddings.c.predicted_category,
                 embeddings.c.vector,
             )
             .select_from(items.outerjoin(embeddings, join_on))
@@ -382,11 +424,25 @@ def delta_rows(
 
 
 def upsert_embeddings(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """Store vectors keyed by (image sha, model version); the same image is stored once."""
+    """Store vectors keyed by (image sha, model version); the same image is stored once.
+
+    A stored row keeps its vector; it only gains predictions it lacked (a row stored by an
+    embedder that did not send them yet). `rows` must be distinct by (image_sha256,
+    model_version): ON CONFLICT DO UPDATE cannot touch one row twice in a statement.
+    """
     if not rows:
         return
     stmt = insert(embeddings).values([{**row, "created_at": func.now()} for row in rows])
-    conn.execute(stmt.on_conflict_do_nothing(index_elements=["image_sha256", "model_version"]))
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["image_sha256", "model_version"],
+            set_={
+                "predicted": stmt.excluded.predicted,
+                "predicted_category": stmt.excluded.predicted_category,
+            },
+            where=and_(embeddings.c.predicted.is_(None), stmt.excluded.predicted.is_not(None)),
+        )
+    )
 
 
 def mark_indexed(conn: Connection, item_id: uuid.UUID, image_sha256: str) -> bool:

@@ -50,6 +50,10 @@ embeddings = Table(
     Column("dim", Integer, nullable=False),
     Column("vector", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The model's predictions for the image (fashionrec_shared.tasks.Predicted as JSON) and
+    # their category label, for filtering; NULL (not JSON null) for a model without heads.
+    Column("predicted", JSONB(none_as_null=True)),
+    Column("predicted_category", Text),
 )
 
 index_builds = Table(

@@ -33,10 +33,22 @@ class SearchStats:
     fallback: bool = False
 
 
-def _filter_mask(categories: np.ndarray, prices: np.ndarray, filters: SearchFilters) -> np.ndarray:
+def _filter_mask(
+    categories: np.ndarray,
+    prices: np.ndarray,
+    filters: SearchFilters,
+    predicted_categories: np.ndarray | None = None,
+) -> np.ndarray:
+    """Rows that pass every filter. `predicted_categories` None: no row has a prediction."""
     mask = np.ones(len(categories), dtype=bool)
     if filters.category is not None:
         mask &= categories == filters.category
+    # Like `category`, on the served model's prediction; items without one drop out.
+    if filters.predicted_category is not None:
+        if predicted_categories is None:
+            mask[:] = False
+        else:
+            mask &= predicted_categories == filters.predicted_category
     # NaN (no price) compares False, so unpriced items drop out when a price bound is given.
     if filters.min_price is not None:
         mask &= prices >= filters.min_price
@@ -123,12 +135,8 @@ def _search_delta(
 ) -> list[tuple[uuid.UUID, float]]:
     """Exact top-k of the delta (items changed since the build): one matvec, no row copies."""
     mask = None
-    if (
-        filters.category is not None
-        or filters.min_price is not None
-        or (filters.max_price is not None)
-    ):
-        mask = _filter_mask(delta.categories, delta.prices, filters)
+    if filters.any_set():
+        mask = _filter_mask(delta.categories, delta.prices, filters, delta.predicted_categories)
     rows_out = [delta.positions[i] for i in excluded if i in delta.positions]
     if rows_out:
         mask = np.ones(len(delta.ids), dtype=bool) if mask is None else mask
@@ -158,7 +166,7 @@ def search(
     hits: list[tuple[uuid.UUID, float]] = []
     stats = SearchStats()
     if build is not None and build.size:
-        mask = _filter_mask(build.categories, build.prices, filters)
+        mask = _filter_mask(build.categories, build.prices, filters, build.predicted_categories)
         mask[delta.masked_positions] = False  # stale entries: the delta has their current state
         for item_id in excluded:
             position = build.positions.get(item_id)

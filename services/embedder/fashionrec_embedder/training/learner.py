@@ -17,12 +17,12 @@ from fastai.data.block import CategoryBlock, DataBlock, MultiCategoryBlock
 from fastai.data.transforms import IndexSplitter, Normalize
 from fastai.learner import AvgMetric, Learner, Recorder
 from fastai.vision.augment import Resize, aug_transforms
-from fastai.vision.core import imagenet_stats
 from fastai.vision.data import ImageBlock
 from fastcore.basics import noop
 from torch import nn
 
 from fashionrec_embedder.network import MultiTaskNet, body_and_heads
+from fashionrec_embedder.preprocess import Normalisation
 from fashionrec_embedder.training.data import Sample, TrainingData
 
 # Imported for their side effect: they add Learner.to_fp16 and Learner.fit_one_cycle.
@@ -52,6 +52,7 @@ class _Attributes:
 def build_dataloaders(
     data: TrainingData,
     *,
+    norm: Normalisation,
     image_size: int,
     batch_size: int,
     device: torch.device,
@@ -75,7 +76,8 @@ def build_dataloaders(
         batch_tfms += aug_transforms(
             do_flip=True, max_rotate=5.0, max_zoom=1.05, max_lighting=0.1, max_warp=0.0
         )
-    batch_tfms.append(Normalize.from_stats(*imagenet_stats))
+    # The backbone's own normalisation, as serving applies it (preprocess.py).
+    batch_tfms.append(Normalize.from_stats(list(norm.mean), list(norm.std)))
     block = DataBlock(
         blocks=blocks,
         getters=getters,

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from fashionrec_embedder.artifact import export_artifact
+from fashionrec_embedder.backbones import DEFAULT_BACKBONE
 from fashionrec_embedder.model import resolve_device
 from fashionrec_embedder.network import MultiTaskNet
 from fashionrec_embedder.training.data import TrainingData, read_training_data
@@ -20,7 +21,7 @@ from fashionrec_embedder.training.learner import (
     build_learner,
     fine_tune,
 )
-from fashionrec_embedder.weights import load_backbone, parse_weights
+from fashionrec_embedder.weights import load_body, parse_weights
 
 HISTORY_NAME = "history.csv"
 
@@ -29,8 +30,9 @@ HISTORY_NAME = "history.csv"
 class TrainOptions:
     epochs: int = 1  # unfrozen epochs (after the frozen ones)
     freeze_epochs: int = 1
-    image_size: int = 224
+    image_size: int | None = None  # None: the backbone's
     batch_size: int = 32
+    backbone: str = DEFAULT_BACKBONE  # a model directory as `weights` names its own
     weights: str = "imagenet"  # initialises the body: imagenet | random:SEED | file | artifact
     embedding: str = "heads"
     threshold: float = 0.5
@@ -82,14 +84,19 @@ def train(
         f"{len(data.split('val'))} val images; heads: "
         + ", ".join(f"{h.name}({len(h.classes)})" for h in heads)
     )
-    body = load_backbone(parse_weights(opts.weights), Path(opts.cache_dir).expanduser())
-    model = MultiTaskNet(body, heads)
+    source = parse_weights(opts.weights, opts.backbone)
+    arch = source.arch
+    image_size = opts.image_size or arch.image_size
+    echo(f"body: {arch.name} with weights {source.label} at {image_size} px")
+    body = load_body(source, Path(opts.cache_dir).expanduser(), image_size)
+    model = MultiTaskNet(body, heads, arch.name)
     workers = opts.num_workers
     if workers is None:
         workers = 0 if device.type == "cpu" else min(8, torch.get_num_threads())
     dls = build_dataloaders(
         data,
-        image_size=opts.image_size,
+        norm=arch.norm,
+        image_size=image_size,
         batch_size=opts.batch_size,
         device=device,
         num_workers=workers,
@@ -120,7 +127,7 @@ def train(
         model,
         out,
         embedding=opts.embedding,
-        image_size=opts.image_size,
+        image_size=image_size,
         attribute_threshold=opts.threshold,
         training={
             "epochs": n_epochs,
@@ -128,6 +135,7 @@ def train(
             "lr": opts.lr,
             "batch_size": opts.batch_size,
             "weights": opts.weights,
+            "backbone": arch.name,
             "seed": opts.seed,
             "device": device.type,
             "data": {

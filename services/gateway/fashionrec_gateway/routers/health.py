@@ -12,12 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from fashionrec_gateway.deps import BlobStoreDep, IndexerDep, RedisDep
+from fashionrec_gateway.embedders import EMBEDDER_ALIVE_PATTERN, alive_keys
 from fashionrec_gateway.responses import problems
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("fashionrec.gateway.health")
-
-EMBEDDER_ALIVE_PATTERN = "fashionrec:embedder:alive:*"
 
 
 class Live(BaseModel):
@@ -46,9 +45,9 @@ def _check(checks: dict[str, str], name: str, fn: Any) -> None:
 
 
 def _embedders(client: redis.Redis) -> str:
-    alive = sum(1 for _ in client.scan_iter(match=EMBEDDER_ALIVE_PATTERN, count=100))
+    alive = len(alive_keys(client))
     if alive == 0:
-        raise RuntimeError("no embedder worker heartbeat (fashionrec:embedder:alive:*)")
+        raise RuntimeError(f"no embedder worker heartbeat ({EMBEDDER_ALIVE_PATTERN})")
     return f"ok ({alive} alive)"
 
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fashionrec_shared.schemas import IndexerSearchResponse, SearchResponse, VectorQuery
-from fashionrec_shared.tasks import EmbedQueryResult, ImageRef
-from fastapi import APIRouter, File, Request, Response, UploadFile
+from fashionrec_shared.problems import ProblemError
+from fashionrec_shared.schemas import (
+    IndexerSearchResponse,
+    SearchFilters,
+    SearchResponse,
+    VectorQuery,
+)
+from fashionrec_shared.tasks import EmbedQueryResult, ImageRef, Predicted
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 
 from fashionrec_gateway.blobs import store_image
 from fashionrec_gateway.deps import (
@@ -32,6 +38,36 @@ router = APIRouter(prefix="/v1", tags=["search"])
 # Re-embeds after a 409: one for a changed model version, a second only if the served version
 # changed again during the request.
 MAX_REEMBEDS = 2
+
+SameCategory = Annotated[
+    bool,
+    Query(
+        description="rank only items predicted to be of the photo's predicted category: sets "
+        "the `predicted_category` filter to the category the served model predicts for the "
+        "photo (the answer's `predicted.category`). When the model predicts no category (a "
+        "model without prediction heads) it changes nothing: the search runs as without it "
+        "and `predicted` is null. With an explicit `predicted_category` that differs from the "
+        "photo's: 422.",
+    ),
+]
+
+
+def query_filters(
+    filters: SearchFilters, same_category: bool, predicted: Predicted | None
+) -> SearchFilters:
+    """The filters a query runs with: `same_category` adds the photo's predicted category."""
+    category = predicted.category if predicted is not None else None
+    if not same_category or category is None:
+        return filters
+    asked = filters.predicted_category
+    if asked is not None and asked != category.label:
+        raise ProblemError(
+            422,
+            "Unprocessable Content",
+            f"same_category=true asks for the photo's predicted category {category.label!r}, "
+            f"which contradicts predicted_category={asked!r}",
+        )
+    return filters.model_copy(update={"predicted_category": category.label})
 
 
 def _embed(
@@ -85,6 +121,7 @@ def search(
     metrics: MetricsDep,
     filters: FiltersDep,
     k: K = 5,
+    same_category: SameCategory = False,
 ) -> SearchResponse:
     timer = StageTimer(metrics)
     started = getattr(request.state, "started", None)
@@ -95,7 +132,8 @@ def search(
     with timer.stage("store"):
         ref = store_image(store, "uploads", checked)
 
-    def run(model_version: str | None) -> IndexerSearchResponse:
+    def run(model_version: str | None) -> tuple[IndexerSearchResponse, Predicted | None]:
+        """The indexer's answer and the photo's predictions, both of one model version."""
         t0 = time.perf_counter()
         with timer.stage("embed"):
             vector, cached = _embed(
@@ -104,18 +142,21 @@ def search(
         if not cached:
             _record_embed(timer, vector, time.perf_counter() - t0)
         query = VectorQuery(
-            vector=vector.vector, model_version=vector.model_version, k=k, filters=filters
+            vector=vector.vector,
+            model_version=vector.model_version,
+            k=k,
+            filters=query_filters(filters, same_category, vector.predicted),
         )
         with timer.stage("search"):
             found, index_timings = indexer.search_timed(query)
         for name, seconds in index_timings.items():
             timer.record(f"index-{name}", seconds)
-        return found
+        return found, vector.predicted
 
     version, named = serving.value, None
     for attempt in range(MAX_REEMBEDS + 1):
         try:
-            found = run(version)
+            found, predicted = run(version)
             break
         except IndexerConflict as conflict:
             # The index serves another model version (a model change was swapped in, or this
@@ -128,6 +169,6 @@ def search(
             metrics.reembeds.inc()
     serving.update(found.model_version)
     with timer.stage("respond"):
-        answer = to_response(found, public_base(request, settings))
+        answer = to_response(found, public_base(request, settings), predicted)
     response.headers["Server-Timing"] = timer.header()
     return answer
