@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ import numpy as np
 from fashionrec_indexer.builder import write_ann
 from fashionrec_indexer.index_files import MANIFEST, open_build
 from fashionrec_indexer.index_state import DeltaView
-from fashionrec_indexer.search import search
+from fashionrec_indexer.manifest import IndexManifest
+from fashionrec_indexer.search import SearchRequest, search
 from fashionrec_indexer.settings import ANN_CANDIDATES, ANN_DIM, ANN_PROJECTION, N_TREES
 from rich.console import Console
 from rich.table import Table
@@ -90,18 +92,28 @@ def write_build(directory: Path, vectors_file: Path, n: int, dim: int, ann: dict
     (directory / "items.json").write_text(
         json.dumps({"ids": ids, "categories": [None] * n, "prices": [None] * n})
     )
-    manifest = {"build_id": directory.name, "item_count": n, "dim": dim, **ann}
-    (directory / MANIFEST).write_text(json.dumps(manifest))
+    manifest = IndexManifest(
+        build_id=directory.name,
+        model_version="benchmark",
+        item_count=n,
+        dim=dim,
+        **ann,
+        checksums={},  # never fetched: opened in place
+        max_change_seq=0,
+        created_at=datetime.now(UTC),
+    )
+    (directory / MANIFEST).write_text(manifest.dumps())
 
 
 def run_queries(build, queries, truth, candidates, search_k) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     delta = DeltaView.empty(None, build.dim)
     for q in queries[:10]:  # warm the mmaps
-        search(build, delta, q, K, search_k=search_k, candidates=candidates)
+        search(build, delta, SearchRequest(q, K, search_k=search_k, candidates=candidates))
     times, recalls = [], []
     for q, want in zip(queries, truth, strict=True):
+        request = SearchRequest(q, K, search_k=search_k, candidates=candidates)
         t0 = time.perf_counter()
-        hits, _ = search(build, delta, q, K, search_k=search_k, candidates=candidates)
+        hits, _ = search(build, delta, request)
         times.append(time.perf_counter() - t0)
         got = {h.int for h, _ in hits}
         assert len(got) == K
@@ -139,7 +151,7 @@ def delta_scan(rng: np.random.Generator, dim: int, m: int) -> dict[str, Any]:
     times = []
     for q in queries:
         t0 = time.perf_counter()
-        hits, _ = search(None, view, q, K)
+        hits, _ = search(None, view, SearchRequest(q, K))
         times.append(time.perf_counter() - t0)
         brute = np.argsort(-(vectors @ q))[:K]
         assert [h.int for h, _ in hits] == brute.tolist()

@@ -18,7 +18,6 @@ import urllib.request
 from pathlib import Path
 
 DEFAULT_PORTS = {"gateway": 8000, "indexer": 8001}
-HEARTBEAT_PREFIX = "fashionrec:embedder:alive"  # the embedder's key contract (see SPEC)
 
 
 def check_http(url: str, timeout: float = 4.0) -> bool:
@@ -51,11 +50,12 @@ def check_celery(timeout: float = 4.0) -> bool:
 def check_embedder() -> bool:
     """A worker process here loaded the model and refreshes its heartbeat (TTL 30 s)."""
     import redis
+    from fashionrec_shared.keys import embedder_alive_pattern
 
     host = socket.gethostname()
     try:
         client = redis.Redis.from_url(_broker_url(), socket_timeout=3)
-        return any(True for _ in client.scan_iter(match=f"{HEARTBEAT_PREFIX}:{host}:*", count=500))
+        return any(True for _ in client.scan_iter(match=embedder_alive_pattern(host), count=500))
     except redis.RedisError:
         return False
 

@@ -8,6 +8,7 @@ a redis-server child process and moto's S3 server, and stops them at the end.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -160,3 +161,24 @@ def blob_store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
         return LocalBlobStore(tmp_path / "blobs")
     endpoint = request.getfixturevalue("s3_endpoint")
     return S3BlobStore(s3_settings(endpoint, f"test-{uuid.uuid4().hex[:12]}"))
+
+
+_LOGGERS = ("fashionrec", "uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+
+
+@pytest.fixture(autouse=True)
+def _process_logging_restored() -> Iterator[None]:
+    """A test that runs an entry point (which configures logging for the process) leaves the
+    levels as they were and takes its handler away again."""
+    root = logging.getLogger()
+    before = set(root.handlers)
+    levels = {name: logging.getLogger(name).level for name in ("", *_LOGGERS)}
+    propagate = {name: logging.getLogger(name).propagate for name in _LOGGERS}
+    yield
+    for handler in [h for h in root.handlers if getattr(h, "fashionrec", False)]:
+        if handler not in before:
+            root.removeHandler(handler)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    for name, value in propagate.items():
+        logging.getLogger(name).propagate = value

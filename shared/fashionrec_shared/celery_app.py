@@ -1,16 +1,15 @@
-"""Celery app factory with the task policy every fashionrec worker shares.
+"""Celery app factory with the app-wide settings every fashionrec service shares.
 
-Policy: acks late and reject on worker lost (a crashed worker's message is redelivered), prefetch 1
-(long model tasks are not hoarded by one worker), JSON only, routes from `tasks.TASK_QUEUES`.
-Redelivery alone would let a message that kills its worker loop for ever, so tasks count their
-deliveries in Redis (`delivery_count`) and give up after `MAX_DELIVERIES`.
+App-wide: acks late and reject on worker lost (a crashed worker's message is redelivered),
+prefetch 1 (long model tasks are not hoarded by one worker), JSON only, routes from
+`tasks.TASK_QUEUES`. The per-task policy (retries, time limits, the poison-message guard that
+gives up after `MAX_DELIVERIES`) is `task_base.PolicyTask`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.result import AsyncResult
 from pydantic import BaseModel
@@ -19,7 +18,7 @@ from fashionrec_shared.settings import BrokerSettings
 from fashionrec_shared.tasks import TASK_QUEUES, TaskName
 
 MAX_DELIVERIES = 3
-# Per-task limits (seconds); services pass them to their @task decorators.
+# Per-task limits (seconds), in the app's defaults and in task_base.PolicyTask.
 SOFT_TIME_LIMIT = 120
 HARD_TIME_LIMIT = 150
 
@@ -52,13 +51,3 @@ def send(app: Celery, task: TaskName, payload: BaseModel, **options: Any) -> Asy
     return app.send_task(
         str(task), args=[payload.model_dump(mode="json")], queue=str(TASK_QUEUES[task]), **options
     )
-
-
-def delivery_count(client: redis.Redis, task_id: str) -> int:
-    """Count one more delivery of `task_id`; the caller fails the task past MAX_DELIVERIES."""
-    key = f"fashionrec:deliveries:{task_id}"
-    pipe = client.pipeline()
-    pipe.incr(key)
-    pipe.expire(key, 24 * 3600)
-    count, _ = pipe.execute()
-    return int(count)

@@ -54,6 +54,17 @@ PREDICTED_HELP = (
 # ---- public API ---------------------------------------------------------------------------
 
 
+class Problem(BaseModel):
+    """An error answer of either HTTP service (RFC 9457, `application/problem+json`)."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
 class SearchResult(BaseModel):
     item_id: str
     sku: str

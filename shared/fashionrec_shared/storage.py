@@ -11,7 +11,6 @@ import io
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +19,7 @@ from minio.error import S3Error
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from fashionrec_shared.files import atomic_path
 from fashionrec_shared.settings import StorageSettings
 
 _KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)+$")
@@ -87,16 +87,8 @@ class LocalBlobStore:
         return self.root / check_key(key)
 
     def _write_atomic(self, key: str, write) -> None:  # type: ignore[no-untyped-def]
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                write(out)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self._path(key)) as tmp, open(tmp, "wb") as out:
+            write(out)
 
     def put(self, key: str, data: bytes) -> None:
         self._write_atomic(key, lambda out: out.write(data))
@@ -121,10 +113,8 @@ class LocalBlobStore:
         source = self._path(key)
         if not source.is_file():
             raise BlobNotFound(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            shutil.copyfile(source, tmp)
 
     def ping(self) -> None:
         if not self.root.is_dir() or not os.access(self.root, os.W_OK):
@@ -232,15 +222,13 @@ class S3BlobStore:
 
     @_transient
     def download_file(self, key: str, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part")
-        try:
-            self._call(self.client.fget_object, self.bucket, check_key(key), str(tmp))
-        except S3Error as exc:
-            if exc.code in _MISSING:
-                raise BlobNotFound(key) from exc
-            raise
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            try:
+                self._call(self.client.fget_object, self.bucket, check_key(key), str(tmp))
+            except S3Error as exc:
+                if exc.code in _MISSING:
+                    raise BlobNotFound(key) from exc
+                raise
 
     def ping(self) -> None:
         self._bucket_checked = False

@@ -1,7 +1,7 @@
 """The ingest client against a small stand-in of the gateway's /v1 jobs and items API.
 
-Without `batch_route` the stand-in is an older gateway with no POST /v1/items/batch: the client
-falls back to one request per row (the tests before the batch ones run that way).
+Tests about one request per row pass `batch_size=1` (POST /v1/items); the others send batches
+(POST /v1/items/batch), the default.
 
 The stand-in is a real FastAPI app under uvicorn on loopback, so multipart encoding, problem+json
 bodies, retries and polling all go over HTTP. Rows steer it by SKU prefix: BAD… is refused with a
@@ -44,7 +44,6 @@ class StandIn:
     attempts: dict[str, int] = field(default_factory=dict)
     inflight: int = 0
     max_inflight: int = 0
-    batch_route: bool = False  # off: an older gateway without POST /v1/items/batch
     batches: list[list[str]] = field(default_factory=list)  # skus of each batch request
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -146,8 +145,6 @@ def make_app(state: StandIn) -> FastAPI:
         x_api_key: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
         check_key(x_api_key)
-        if not state.batch_route:
-            raise ProblemError(404, "Not Found", "no route POST /v1/items/batch")
         metas = [ItemMetadata.model_validate(m) for m in json.loads(metadata)]
         assert len(metas) == len(image)
         skus = [m.sku for m in metas]
@@ -218,15 +215,8 @@ def gateway(server: StandIn) -> StandIn:
     server.uploads.clear()
     server.attempts.clear()
     server.max_inflight = 0
-    server.batch_route = False
     server.batches.clear()
     return server
-
-
-@pytest.fixture
-def batch_gateway(gateway: StandIn) -> StandIn:
-    gateway.batch_route = True
-    return gateway
 
 
 def write_catalogue(folder: Path, skus: list[str], missing: tuple[str, ...] = ()) -> Path:
@@ -253,6 +243,7 @@ def test_ingest_reports_uploads_rejections_and_job_results(
         tmp_path / "images",
         gateway.url,
         concurrency=2,
+        batch_size=1,
         poll_interval_s=0.01,
         retry=FAST_RETRY,
         progress=False,
@@ -289,7 +280,13 @@ def test_ingest_reports_uploads_rejections_and_job_results(
 def test_persistent_503_becomes_a_rejection(gateway: StandIn, tmp_path: Path) -> None:
     path = write_catalogue(tmp_path, ["DOWN1", "OK1"])
     summary = ingest(
-        path, tmp_path / "images", gateway.url, retry=FAST_RETRY, progress=False, wait=False
+        path,
+        tmp_path / "images",
+        gateway.url,
+        batch_size=1,
+        retry=FAST_RETRY,
+        progress=False,
+        wait=False,
     )
     assert gateway.attempts["DOWN1"] == FAST_RETRY.attempts
     assert [(r.sku, r.status, r.reason) for r in summary.rejected] == [
@@ -377,59 +374,59 @@ def test_empty_catalogue_opens_a_job_and_does_not_wait(gateway: StandIn, tmp_pat
     assert [(r.line, r.reason) for r in summary.rejected] == [(1, "missing sku")]
 
 
-def test_batches_go_in_one_request_each(batch_gateway: StandIn, tmp_path: Path) -> None:
+def test_batches_go_in_one_request_each(gateway: StandIn, tmp_path: Path) -> None:
     skus = [f"OK{n}" for n in range(70)]
     skus[5], skus[40] = "BAD5", "FAIL40"
     path = write_catalogue(tmp_path, skus, missing=("OK7",))
     summary = ingest(
         path,
         tmp_path / "images",
-        batch_gateway.url,
+        gateway.url,
         batch_size=32,
         poll_interval_s=0.001,
         retry=FAST_RETRY,
         progress=False,
     )
     # 69 readable rows, consecutive ones in batches of at most 32 (sent concurrently).
-    assert sorted(len(b) for b in batch_gateway.batches) == [5, 32, 32]
-    ordered = sorted(batch_gateway.batches, key=lambda b: skus.index(b[0]))
+    assert sorted(len(b) for b in gateway.batches) == [5, 32, 32]
+    ordered = sorted(gateway.batches, key=lambda b: skus.index(b[0]))
     assert [s for b in ordered for s in b] == [s for s in skus if s != "OK7"]
-    assert batch_gateway.uploads and len(batch_gateway.uploads) == 68
+    assert gateway.uploads and len(gateway.uploads) == 68
     assert summary.uploaded == 68 and len(summary.item_ids) == 68
     assert (summary.done, summary.failed) == (67, 1)
     by_sku = {r.sku: r for r in summary.rejected}
     assert by_sku["BAD5"].status == 422 and by_sku["BAD5"].line == 7
     assert by_sku["BAD5"].reason == "image for BAD5 is not a valid picture"
     assert by_sku["OK7"].source == "catalogue"
-    sent = {u["meta"].sku: u for u in batch_gateway.uploads}
+    sent = {u["meta"].sku: u for u in gateway.uploads}
     assert sent["OK1"]["meta"].attributes == {"colour": "blue"}
     assert sent["OK1"]["content_type"] == "image/jpeg"
 
 
-def test_a_503_batch_is_resent_whole(batch_gateway: StandIn, tmp_path: Path) -> None:
+def test_a_503_batch_is_resent_whole(gateway: StandIn, tmp_path: Path) -> None:
     path = write_catalogue(tmp_path, ["OK1", "FLAKY1", "OK2"])
     summary = ingest(
         path,
         tmp_path / "images",
-        batch_gateway.url,
+        gateway.url,
         poll_interval_s=0.001,
         retry=FAST_RETRY,
         progress=False,
     )
-    assert batch_gateway.batches == [["OK1", "FLAKY1", "OK2"]] * 3
+    assert gateway.batches == [["OK1", "FLAKY1", "OK2"]] * 3
     assert summary.ok and summary.uploaded == 3 and summary.done == 3
 
 
-def test_batch_size_one_posts_items_one_by_one(batch_gateway: StandIn, tmp_path: Path) -> None:
+def test_batch_size_one_posts_items_one_by_one(gateway: StandIn, tmp_path: Path) -> None:
     path = write_catalogue(tmp_path, ["OK1", "OK2"])
     summary = ingest(
         path,
         tmp_path / "images",
-        batch_gateway.url,
+        gateway.url,
         batch_size=1,
         poll_interval_s=0.001,
         retry=FAST_RETRY,
         progress=False,
     )
     assert summary.ok and summary.uploaded == 2
-    assert batch_gateway.batches == [] and len(batch_gateway.uploads) == 2
+    assert gateway.batches == [] and len(gateway.uploads) == 2

@@ -221,14 +221,12 @@ def test_worker_tasks_carry_a_trained_models_predictions(
         refs.append({"key": key, "sha256": digest})
     sent: list[StoreEmbeddings] = []
     items = [{"item_id": f"i{i}", "image": ref} for i, ref in enumerate(refs)]
-    embed_items(context, {"items": items}, store_results=sent.append, task_id="t-pred")
+    embed_items(context, {"items": items}, store_results=sent.append)
     [stored] = sent
     labels = {c for h in HEADS if h.kind == "single_label" for c in h.classes}
     for embedding in stored.embeddings:
         assert embedding.predicted is not None and embedding.predicted.category is not None
         assert embedding.predicted.category.label in labels
-    query = EmbedQueryResult.model_validate(
-        embed_query(context, {"image": refs[0]}, task_id="q-pred")
-    )
+    query = EmbedQueryResult.model_validate(embed_query(context, {"image": refs[0]}))
     assert query.predicted == stored.embeddings[0].predicted
     client.close()

@@ -7,7 +7,9 @@ from urllib.error import URLError
 import pytest
 import torch
 from celery import Celery
+from fashionrec_embedder import worker
 from fashionrec_embedder.__main__ import cli
+from fashionrec_embedder.settings import EmbedderSettings
 from typer.testing import CliRunner
 
 from .conftest import encode, pattern_image
@@ -41,9 +43,23 @@ def test_embed_prints_version_and_norms(tmp_path: Path) -> None:
     assert result.exit_code == 1  # one file failed
 
 
+def settings_given_to_worker_app(monkeypatch: pytest.MonkeyPatch) -> list[EmbedderSettings]:
+    """The settings each `create_worker_app` call gets (the worker processes' settings)."""
+    given: list[EmbedderSettings] = []
+    create = worker.create_worker_app
+
+    def spy(settings: EmbedderSettings, **kwargs: object) -> Celery:
+        given.append(settings)
+        return create(settings, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker, "create_worker_app", spy)
+    return given
+
+
 def test_worker_starts_celery_on_the_embed_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[list[str]] = []
     monkeypatch.setattr(Celery, "worker_main", lambda self, argv: calls.append(argv))
+    given = settings_given_to_worker_app(monkeypatch)
     result = runner.invoke(
         cli, ["worker", "--weights", "random:1", "--concurrency", "2", "--device", "cpu"]
     )
@@ -60,9 +76,11 @@ def test_worker_starts_celery_on_the_embed_queue(monkeypatch: pytest.MonkeyPatch
         "-n",
         "embedder@%h",
     ]
-    # Worker processes read their settings from the environment after the fork.
-    assert os.environ["FASHIONREC_EMBEDDER_WEIGHTS"] == "random:1"
-    assert os.environ["FASHIONREC_EMBEDDER_DEVICE"] == "cpu"
+    # Worker processes get the settings object by forking, not through the environment.
+    [settings] = given
+    assert settings.weights == "random:1"
+    assert settings.device == "cpu"
+    assert "FASHIONREC_EMBEDDER_WEIGHTS" not in os.environ
 
 
 def test_worker_fails_fast_on_unusable_weights(

@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from fashionrec_embedder import worker
 from fashionrec_embedder.model import Embedder
 from fashionrec_embedder.preprocess import decode_image
 from fashionrec_embedder.settings import EmbedderSettings
 from fashionrec_embedder.worker import (
+    EmbedderResources,
     VersionNotLoaded,
     WorkerContext,
     announce_model,
+    create_worker_app,
     embed_items,
     embed_query,
     load_previous,
@@ -28,6 +29,8 @@ from fashionrec_shared.tasks import EmbedQueryResult, ModelOnline, StoreEmbeddin
 from fashionrec_shared.vectors import decode_vector
 
 from .conftest import encode, pattern_image, small_settings
+from .test_main import settings_given_to_worker_app
+from .test_worker import worker_process
 
 PRIMARY = "resnet50-random-s7-px64"
 PREVIOUS = "resnet50-random-s8-px64"
@@ -160,15 +163,17 @@ def test_heartbeat_lists_every_loaded_version(context: WorkerContext) -> None:
 
 def test_announce_sends_model_online_for_the_primary(context: WorkerContext) -> None:
     calls = []
-    assert announce_model(context, sender=lambda app, task, payload: calls.append((task, payload)))
-    [(task, payload)] = calls
+    app = create_worker_app(context.settings)
+    assert announce_model(context, app, sender=lambda *call: calls.append(call))
+    [(sent_with, task, payload)] = calls
+    assert sent_with is app  # the worker's own app, not a throwaway one
     assert task == TaskName.MODEL_ONLINE
     assert payload.model_version == PRIMARY and payload.dim == 2048 and payload.hostname
 
     def broken(*_: object) -> None:
         raise ConnectionError("broker down")
 
-    assert announce_model(context, sender=broken) is False  # logged, serving goes on
+    assert announce_model(context, app, sender=broken) is False  # logged, serving goes on
 
 
 def test_process_start_loads_previous_models_and_announces(
@@ -183,11 +188,12 @@ def test_process_start_loads_previous_models_and_announces(
     monkeypatch.setenv("FASHIONREC_BROKER_URL", redis_url)
     monkeypatch.setenv("FASHIONREC_STORAGE_BACKEND", "local")
     monkeypatch.setenv("FASHIONREC_STORAGE_LOCAL_DIR", str(tmp_path / "blobs"))
-    worker.set_context(None)
+    settings = EmbedderSettings()
+    resources = EmbedderResources(settings)
     client = redis.Redis.from_url(redis_url)
-    try:
-        worker._init_worker_process()
-        context = worker.get_context()
+    with worker_process(create_worker_app(settings, resources=resources)):
+        context = resources.context
+        assert context is not None
         assert list(context.models) == [PREVIOUS, PRIMARY]
         alive = json.loads(client.get(context.heartbeat.key))
         assert alive["model_versions"] == [PREVIOUS, PRIMARY]
@@ -197,9 +203,7 @@ def test_process_start_loads_previous_models_and_announces(
         assert message["headers"]["task"] == str(TaskName.MODEL_ONLINE)
         args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
         assert ModelOnline.model_validate(args[0]).model_version == PREVIOUS
-    finally:
-        worker._shutdown_worker_process()
-        client.close()
+    client.close()
 
 
 def test_worker_command_takes_previous_weights(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,12 +211,14 @@ def test_worker_command_takes_previous_weights(monkeypatch: pytest.MonkeyPatch) 
     from fashionrec_embedder.__main__ import cli
     from typer.testing import CliRunner
 
-    for name in ("WEIGHTS", "PREVIOUS_WEIGHTS"):  # the command writes them; restored afterwards
+    for name in ("WEIGHTS", "PREVIOUS_WEIGHTS"):
         monkeypatch.setenv(f"FASHIONREC_EMBEDDER_{name}", "")
         monkeypatch.delenv(f"FASHIONREC_EMBEDDER_{name}")
     monkeypatch.setattr(Celery, "worker_main", lambda self, argv: None)
+    given = settings_given_to_worker_app(monkeypatch)
     result = CliRunner().invoke(
         cli, ["worker", "--weights", "random:1", "--previous-weights", "random:0,random:2"]
     )
     assert result.exit_code == 0, result.output
-    assert EmbedderSettings().previous_weights == ["random:0", "random:2"]
+    [settings] = given  # what the worker processes get by forking
+    assert settings.previous_weights == ["random:0", "random:2"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from fashionrec_embedder import weights
-from fashionrec_embedder.backbones import file_digest, get_backbone
+from fashionrec_embedder.backbones import get_backbone
 from fashionrec_embedder.model import Embedder
 from fashionrec_embedder.weights import (
     WeightsError,
@@ -21,6 +21,7 @@ from fashionrec_embedder.weights import (
     parse_weights,
     random_backbone,
 )
+from fashionrec_shared.files import file_sha256
 from safetensors.torch import save_file
 from torchvision.models import resnet18, resnet50
 
@@ -63,7 +64,7 @@ def test_parse_weights(tmp_path: Path) -> None:
 def test_model_version_formats(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
     path.write_bytes(b"some bytes")
-    digest = file_digest(path)
+    digest = file_sha256(path)
     R50 = "resnet50"
     versions = {
         model_version(WeightsSource("imagenet", backbone=R50)): "resnet50-imagenet-11ad3fa6",

@@ -2,24 +2,30 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import redis
+from celery import Celery, current_app
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init, worker_process_shutdown
 from fashionrec_embedder import worker
 from fashionrec_embedder.model import Embedder
 from fashionrec_embedder.preprocess import decode_image
+from fashionrec_embedder.settings import EmbedderSettings
 from fashionrec_embedder.worker import (
     TRANSIENT_ERRORS,
+    EmbedderResources,
     Heartbeat,
     ImageMismatch,
-    PoisonMessage,
     WorkerContext,
-    create_celery,
+    create_worker_app,
     embed_items,
     embed_query,
 )
@@ -30,6 +36,7 @@ from fashionrec_shared.storage import (
     StorageUnavailable,
     content_key,
 )
+from fashionrec_shared.task_base import PoisonMessage
 from fashionrec_shared.tasks import EmbedQueryResult, StoreEmbeddings, TaskName
 from fashionrec_shared.vectors import decode_vector
 
@@ -69,10 +76,39 @@ class Collector(list):
         self.append(result)
 
 
+@contextmanager
+def worker_process(app: Celery) -> Iterator[None]:
+    """What the prefork pool does in each child it forks: make `app` current and send
+    worker_process_init; worker_process_shutdown when the child exits."""
+    previous = current_app._get_current_object()
+    app.set_current()
+    worker_process_init.send(sender=None)
+    try:
+        yield
+    finally:
+        worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
+        previous.set_current()
+
+
+def app_for(ctx: WorkerContext) -> Celery:
+    """The worker's app running on `ctx` (as a worker process would after its init)."""
+    return create_worker_app(ctx.settings, resources=EmbedderResources(ctx.settings, ctx))
+
+
+def _sent_to_indexer(client: redis.Redis) -> list[StoreEmbeddings]:
+    """The STORE_EMBEDDINGS messages on the index queue, oldest first (taken off it)."""
+    sent = []
+    while client.llen("index"):
+        headers, (args, _kwargs, _embed) = _pop_task(client, "index")
+        assert headers["task"] == str(TaskName.STORE_EMBEDDINGS)
+        sent.append(StoreEmbeddings.model_validate(args[0]))
+    return sent
+
+
 def test_embed_query_returns_a_unit_vector_with_timings(context: WorkerContext) -> None:
     data = encode(pattern_image(120, 100), "JPEG", quality=90)
     ref = _put(context, data, "uploads")
-    result = EmbedQueryResult.model_validate(embed_query(context, {"image": ref}, task_id="q1"))
+    result = EmbedQueryResult.model_validate(embed_query(context, {"image": ref}))
     assert result.dim == 2048 and result.model_version == "resnet50-random-s7-px64"
     vector = decode_vector(result.vector, 2048)
     assert abs(np.linalg.norm(vector) - 1) < 1e-5
@@ -99,9 +135,7 @@ def test_embed_items_embeds_good_images_and_reports_failures(context: WorkerCont
     items.append({"item_id": "garbage", "image": _put(context, b"\x89PNG garbage", ext="png")})
     sent = Collector()
 
-    summary = embed_items(
-        context, {"job_id": "job-1", "items": items}, store_results=sent, task_id="t-items"
-    )
+    summary = embed_items(context, {"job_id": "job-1", "items": items}, store_results=sent)
 
     assert summary["embedded"] == 5 and summary["failed"] == 2 and not summary["poison"]
     assert len(sent) == 1
@@ -136,7 +170,7 @@ def test_a_many_item_task_runs_in_pipelined_model_batches(
 
     monkeypatch.setattr(context.model, "embed_and_predict", spy)
     sent = Collector()
-    summary = embed_items(context, {"items": items}, store_results=sent, task_id="t-many")
+    summary = embed_items(context, {"items": items}, store_results=sent)
     # Windows of PIPELINE_BATCHES model batches: decoding overlaps inference inside each.
     assert calls == [2 * worker.PIPELINE_BATCHES, 10 - 2 * worker.PIPELINE_BATCHES]
     assert summary["embedded"] == 9 and summary["failed"] == 1
@@ -149,28 +183,30 @@ def test_a_many_item_task_runs_in_pipelined_model_batches(
 
 
 def test_poison_guard_stops_after_max_deliveries(context: WorkerContext) -> None:
+    app = app_for(context)
+    embed_items_task = app.tasks[str(TaskName.EMBED_ITEMS)]
     items = [{"item_id": "a", "image": _missing_ref()}, {"item_id": "b", "image": _missing_ref()}]
-    sent = Collector()
-    for _ in range(MAX_DELIVERIES):
-        summary = embed_items(context, {"items": items}, store_results=sent, task_id="t-poison")
+    for _ in range(MAX_DELIVERIES):  # the same message delivered again (a worker crashed)
+        summary = embed_items_task.apply(args=[{"items": items}], task_id="t-poison").get()
         assert not summary["poison"]
-    summary = embed_items(context, {"items": items}, store_results=sent, task_id="t-poison")
+    summary = embed_items_task.apply(args=[{"items": items}], task_id="t-poison").get()
+    sent = _sent_to_indexer(context.redis)
     assert summary["poison"] and summary["failed"] == 2
     expected = f"poison message: gave up after {MAX_DELIVERIES + 1} deliveries"
     assert [f.error for f in sent[-1].failures] == [expected, expected]
     assert sent[-1].embeddings == []
 
     context.redis.set("fashionrec:deliveries:q-poison", MAX_DELIVERIES)
+    embed_query_task = app.tasks[str(TaskName.EMBED_QUERY)]
     with pytest.raises(PoisonMessage):
-        embed_query(context, {"image": _missing_ref()}, task_id="q-poison")
+        embed_query_task.apply(args=[{"image": _missing_ref()}], task_id="q-poison").get()
 
 
 def test_retries_are_not_counted_as_redeliveries(context: WorkerContext) -> None:
     context.redis.set("fashionrec:deliveries:t-retry", MAX_DELIVERIES)
     items = [{"item_id": "a", "image": _missing_ref()}]
-    summary = embed_items(
-        context, {"items": items}, store_results=Collector(), task_id="t-retry", retries=1
-    )
+    task = app_for(context).tasks[str(TaskName.EMBED_ITEMS)]
+    summary = task.apply(args=[{"items": items}], task_id="t-retry", retries=1).get()
     assert not summary["poison"]
 
 
@@ -195,7 +231,7 @@ def test_soft_time_limit_reports_unfinished_items(
 
     monkeypatch.setattr(context.model, "embed_and_predict", embed_then_time_out)
     sent = Collector()
-    summary = embed_items(context, {"items": items}, store_results=sent, task_id="t-slow")
+    summary = embed_items(context, {"items": items}, store_results=sent)
     assert summary["embedded"] == 2 and summary["failed"] == 3
     assert [e.item_id for e in sent[0].embeddings] == ["i0", "i1"]
     assert [f.item_id for f in sent[0].failures] == ["i2", "i3", "i4"]
@@ -214,13 +250,12 @@ def test_transient_storage_errors_propagate_for_retry(context: WorkerContext) ->
             context,
             {"items": [{"item_id": "a", "image": _missing_ref()}]},
             store_results=sent,
-            task_id="t-down",
         )
     assert sent == []
 
 
 def test_task_policy(context: WorkerContext) -> None:
-    app = create_celery(context.settings)
+    app = create_worker_app(context.settings)
     for name in (TaskName.EMBED_QUERY, TaskName.EMBED_ITEMS):
         task = app.tasks[str(name)]
         assert task.autoretry_for == TRANSIENT_ERRORS
@@ -240,28 +275,24 @@ def _pop_task(client: redis.Redis, queue: str) -> tuple[dict[str, Any], list]:
 
 
 def test_celery_tasks_run_end_to_end_and_send_store_embeddings(context: WorkerContext) -> None:
-    app = create_celery(context.settings)
-    worker.set_context(context)
-    try:
-        ref = _put(context, encode(pattern_image(), "JPEG"))
-        payload = {"job_id": "j", "items": [{"item_id": "x", "image": ref}]}
-        result = app.tasks[str(TaskName.EMBED_ITEMS)].apply(args=[payload], task_id="e2e-1")
-        assert result.successful(), result.traceback
-        assert result.get()["embedded"] == 1
+    app = app_for(context)
+    ref = _put(context, encode(pattern_image(), "JPEG"))
+    payload = {"job_id": "j", "items": [{"item_id": "x", "image": ref}]}
+    result = app.tasks[str(TaskName.EMBED_ITEMS)].apply(args=[payload], task_id="e2e-1")
+    assert result.successful(), result.traceback
+    assert result.get()["embedded"] == 1
 
-        headers, (args, _kwargs, _embed) = _pop_task(context.redis, "index")
-        assert headers["task"] == str(TaskName.STORE_EMBEDDINGS)
-        stored = StoreEmbeddings.model_validate(args[0])
-        assert [e.item_id for e in stored.embeddings] == ["x"] and stored.failures == []
+    headers, (args, _kwargs, _embed) = _pop_task(context.redis, "index")
+    assert headers["task"] == str(TaskName.STORE_EMBEDDINGS)
+    stored = StoreEmbeddings.model_validate(args[0])
+    assert [e.item_id for e in stored.embeddings] == ["x"] and stored.failures == []
 
-        query = app.tasks[str(TaskName.EMBED_QUERY)].apply(args=[{"image": ref}], task_id="q")
-        assert query.successful(), query.traceback
-        np.testing.assert_allclose(
-            decode_vector(query.get()["vector"]), decode_vector(stored.embeddings[0].vector), 1e-5
-        )
-        assert context.redis.get("fashionrec:deliveries:e2e-1") == b"1"
-    finally:
-        worker.set_context(None)
+    query = app.tasks[str(TaskName.EMBED_QUERY)].apply(args=[{"image": ref}], task_id="q")
+    assert query.successful(), query.traceback
+    np.testing.assert_allclose(
+        decode_vector(query.get()["vector"]), decode_vector(stored.embeddings[0].vector), 1e-5
+    )
+    assert context.redis.get("fashionrec:deliveries:e2e-1") == b"1"
 
 
 def test_heartbeat_writes_the_alive_key_with_ttl(redis_url: str) -> None:
@@ -297,11 +328,13 @@ def test_worker_process_init_loads_the_model_and_announces_it(
     monkeypatch.setenv("FASHIONREC_BROKER_URL", redis_url)
     monkeypatch.setenv("FASHIONREC_STORAGE_BACKEND", "local")
     monkeypatch.setenv("FASHIONREC_STORAGE_LOCAL_DIR", str(tmp_path / "blobs"))
-    worker.set_context(None)
+    settings = EmbedderSettings()
+    resources = EmbedderResources(settings)
+    app = create_worker_app(settings, resources=resources)
     client = redis.Redis.from_url(redis_url)
-    try:
-        worker._init_worker_process()
-        context = worker.get_context()
+    with worker_process(app):
+        context = resources.context
+        assert context is not None
         assert context.model.loaded
         assert context.heartbeat is not None
         alive = json.loads(client.get(context.heartbeat.key))
@@ -316,8 +349,6 @@ def test_worker_process_init_loads_the_model_and_announces_it(
             "model_versions": ["resnet50-random-s3-px64"],
         }
         key = context.heartbeat.key
-    finally:
-        worker._shutdown_worker_process()
     assert client.get(key) is None
-    assert worker._context is None
+    assert resources.context is None
     client.close()

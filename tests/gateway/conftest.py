@@ -1,4 +1,5 @@
-"""Gateway app under TestClient: real local blob store and Redis; fake indexer and embedder."""
+"""Gateway app under TestClient: real local blob store and Redis, the real indexer app (on the
+Postgres fixture, reached in process; see indexer.py) and a fake embedder."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ from fashionrec_gateway.settings import GatewaySettings
 from fashionrec_shared.settings import BrokerSettings, StorageSettings
 from fastapi.testclient import TestClient
 
-from tests.gateway.fakes import INDEXER_URL, FakeEmbedder, FakeIndexer
+from tests.gateway.fakes import FakeEmbedder
+from tests.gateway.indexer import INDEXER_URL, RealIndexer
 
 
 @dataclass
 class Gateway:
     client: TestClient
     blob_dir: Path
-    indexer: FakeIndexer
+    indexer: RealIndexer
     embedder: FakeEmbedder
     redis: redis.Redis
     settings: GatewaySettings
@@ -37,7 +39,19 @@ class Gateway:
 
 
 @pytest.fixture
-def make_gateway(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., Gateway]]:
+def indexer(
+    make_database: Callable[[], str], redis_url: str, tmp_path: Path
+) -> Iterator[RealIndexer]:
+    """One indexer per test (every gateway of the test talks to it); it starts on first use."""
+    real = RealIndexer(make_database, redis_url, tmp_path / "indexer")
+    yield real
+    real.close()
+
+
+@pytest.fixture
+def make_gateway(
+    tmp_path: Path, redis_url: str, indexer: RealIndexer
+) -> Iterator[Callable[..., Gateway]]:
     opened: list[TestClient] = []
     clients: list[redis.Redis] = []
     indexers: list[IndexerClient] = []
@@ -51,9 +65,9 @@ def make_gateway(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., Gatew
             "embed_timeout_s": 2,
         }
         settings = GatewaySettings(**{**fields, **overrides})
-        indexer, embedder = FakeIndexer(), FakeEmbedder()
+        embedder = FakeEmbedder()
         app = create_app(settings)
-        indexer_client = IndexerClient.create(INDEXER_URL, 5, transport=indexer.transport())
+        indexer_client = IndexerClient.create(INDEXER_URL, 5, transport=indexer.faults)
         indexers.append(indexer_client)
         app.dependency_overrides[get_indexer] = lambda: indexer_client
         app.dependency_overrides[get_query_embedder] = lambda: CeleryQueryEmbedder(

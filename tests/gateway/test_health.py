@@ -16,7 +16,7 @@ def beat(gw: Gateway) -> None:
 
 
 def test_livez(gateway: Gateway) -> None:
-    gateway.indexer.down = True
+    gateway.indexer.faults.down = True
     response = gateway.client.get("/livez")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
@@ -41,10 +41,10 @@ def test_not_ready_without_embedder(gateway: Gateway) -> None:
 
 def test_not_ready_when_indexer_is_down_or_not_ready(gateway: Gateway) -> None:
     beat(gateway)
-    gateway.indexer.ready = False
+    gateway.indexer.faults.answer("GET", "/readyz", 503, "database not ready")
     body = assert_problem(gateway.client.get("/readyz"), 503)
     assert "database not ready" in body["checks"]["indexer"]
-    gateway.indexer.down = True
+    gateway.indexer.faults.down = True
     body = assert_problem(gateway.client.get("/readyz"), 503)
     assert "unreachable" in body["checks"]["indexer"]
 

@@ -153,6 +153,7 @@ def test_delete_then_404(gateway: Gateway) -> None:
 
 def test_similar(gateway: Gateway) -> None:
     ids = [add(gateway, jpeg((i * 40, 0, 0)), {"sku": f"s{i}"}).json()["item_id"] for i in range(3)]
+    gateway.indexer.embed_pending()  # the embedders did the EMBED_ITEMS the indexer sent
     response = gateway.client.get(f"/v1/items/{ids[0]}/similar", params={"k": 5})
     assert response.status_code == 200, response.text
     results = response.json()["results"]

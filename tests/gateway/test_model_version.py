@@ -12,8 +12,8 @@ from fashionrec_gateway.indexer_client import IndexerClient, IndexerConflict
 from fashionrec_shared.storage import content_key
 
 from tests.gateway.conftest import Gateway
-from tests.gateway.fakes import INDEXER_URL, problem
 from tests.gateway.images import jpeg
+from tests.gateway.indexer import INDEXER_URL, problem
 
 
 def search(gw: Gateway, data: bytes) -> httpx.Response:
@@ -64,7 +64,7 @@ def test_after_the_swap_one_409_moves_the_gateway_to_the_new_version(gateway: Ga
     _, sha = content_key("uploads", data, "jpg")
     assert gateway.redis.exists(f"{QVEC_PREFIX}m1:{sha}")
     assert not gateway.redis.exists(f"{QVEC_PREFIX}m2:{sha}")
-    gateway.indexer.model_version = "m2"  # the new index is swapped in
+    gateway.indexer.serve("m2")  # the new index is swapped in
     before, calls = len(gateway.embedder.sent), len(searched_versions(gateway))
     response = search(gateway, data)  # cached m1 vector -> 409 naming m2 -> embed with m2
     assert response.status_code == 200 and response.json()["model_version"] == "m2"
@@ -79,19 +79,18 @@ def test_after_the_swap_one_409_moves_the_gateway_to_the_new_version(gateway: Ga
 
 
 def test_index_info_is_passed_through_and_teaches_the_version(gateway: Gateway) -> None:
-    gateway.indexer.model_version = "m1"
-    gateway.indexer.pending_model_version = "m2"
-    gateway.indexer.reembed_job_id = "job-1"
+    seed(gateway)  # served by m1
+    job_id = gateway.indexer.announce("m2")  # an embedder of m2 started: the inventory re-embeds
     response = gateway.client.get("/v1/index")
     assert response.status_code == 200
     body = response.json()
     assert body["model_version"] == "m1"
-    assert (body["pending_model_version"], body["reembed_job_id"]) == ("m2", "job-1")
+    assert (body["pending_model_version"], body["reembed_job_id"]) == ("m2", job_id)
     assert gateway.client.app.state.serving_version.value == "m1"
 
 
 def test_index_info_when_the_indexer_is_down(gateway: Gateway) -> None:
-    gateway.indexer.down = True
+    gateway.indexer.faults.down = True
     response = gateway.client.get("/v1/index")
     assert response.status_code == 503
     assert response.headers["content-type"].startswith("application/problem+json")
@@ -128,7 +127,7 @@ def test_a_swap_during_the_request_gets_a_second_reembed(gateway: Gateway) -> No
     """First 409 names m1 (the primary answered m2); by the retry the index serves m2."""
     seed(gateway)
     gateway.embedder.model_version, gateway.embedder.also_loaded = "m2", ("m1",)
-    gateway.indexer.swap_after_conflict = "m2"
+    gateway.indexer.swap_after_next_conflict("m2")
     response = search(gateway, jpeg(color=(9, 9, 9)))
     assert response.status_code == 200 and response.json()["model_version"] == "m2"
     assert asked_versions(gateway) == [None, "m1"]  # m2 came from the cache of the first try

@@ -88,7 +88,7 @@ def test_search_happy_path(gateway: Gateway) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_version"] == "m1"
-    assert body["index_version"] == "b1"
+    assert body["index_version"] == gateway.indexer.index_version
     assert [r["item_id"] for r in body["results"]] == ids[:2]
     first = body["results"][0]
     sha = gateway.indexer.items[ids[0]]["image"]["sha256"]
@@ -153,7 +153,8 @@ def test_model_change_reembeds_once(gateway: Gateway) -> None:
     data = jpeg()
     search(gateway, data)
     # The embedder and indexer moved to a new model; the cached vector is stale.
-    gateway.embedder.model_version = gateway.indexer.model_version = "m2"
+    gateway.embedder.model_version = "m2"
+    gateway.indexer.serve("m2")
     response = search(gateway, data)
     assert response.status_code == 200, response.text
     assert response.json()["model_version"] == "m2"
@@ -170,9 +171,10 @@ def test_model_change_reembeds_once(gateway: Gateway) -> None:
 
 
 def test_persistent_conflict_is_a_409_after_one_retry(gateway: Gateway) -> None:
-    gateway.indexer.model_version = "other"
+    seed(gateway)  # an empty index answers any version with no results
+    gateway.indexer.serve("other")  # a version no embedder holds
     body = assert_problem(search(gateway, jpeg()), 409)
-    assert "not active" in body["detail"]
+    assert "index uses 'other'" in body["detail"]
     assert len(gateway.embedder.sent) == 2
     assert len(gateway.indexer.calls_to("POST", "/search")) == 2
 
@@ -191,19 +193,20 @@ def test_embedder_failure_is_502(gateway: Gateway) -> None:
 
 
 def test_indexer_unreachable_is_503(gateway: Gateway) -> None:
-    gateway.indexer.down = True
+    gateway.indexer.faults.down = True
     body = assert_problem(search(gateway, jpeg()), 503)
     assert "indexer" in body["detail"]
 
 
 def test_indexer_4xx_is_passed_through(gateway: Gateway) -> None:
-    gateway.indexer.fail_search_with = (422, "vector has 8 dimensions, expected 2048")
+    gateway.indexer.dim = 2048  # the index holds 2048-d vectors; the embedder answers 8-d ones
+    seed(gateway, 1)
     body = assert_problem(search(gateway, jpeg()), 422)
     assert body["detail"] == "vector has 8 dimensions, expected 2048"
 
 
 def test_indexer_5xx_is_502(gateway: Gateway) -> None:
-    gateway.indexer.fail_search_with = (500, "boom")
+    gateway.indexer.faults.answer("POST", "/search", 500, "boom")
     assert_problem(search(gateway, jpeg()), 502)
 
 

@@ -22,7 +22,7 @@ from fashionrec_indexer.index_files import fetch, open_build
 from fashionrec_indexer.index_state import IndexState
 from fashionrec_indexer.ingest import store_embeddings
 from fashionrec_indexer.schema import embeddings
-from fashionrec_indexer.search import search
+from fashionrec_indexer.search import SearchRequest, search
 from fashionrec_indexer.settings import IndexerSettings
 from fashionrec_shared.schemas import SearchFilters
 from fashionrec_shared.settings import BrokerSettings, StorageSettings
@@ -195,7 +195,7 @@ def run(state: IndexState, engine: Engine, query: np.ndarray, k: int, **kw):  # 
     snapshot = state.current
     with engine.connect() as conn:
         view = snapshot.delta.refresh(conn)
-    return search(snapshot.build, view, query, k, **kw)
+    return search(snapshot.build, view, SearchRequest(query, k, **kw))
 
 
 def built(engine: Engine, store: LocalBlobStore, state: IndexState) -> None:
@@ -312,9 +312,11 @@ def test_a_build_from_before_predictions_matches_no_predicted_category(
     state.refresh()
     with engine.connect() as conn:
         view = state.current.delta.refresh(conn)
-    hits, _ = search(old, view, vectors[0], 5, SearchFilters(predicted_category="dress"))
+    hits, _ = search(
+        old, view, SearchRequest(vectors[0], 5, SearchFilters(predicted_category="dress"))
+    )
     assert hits == []
-    hits, _ = search(old, view, vectors[0], 5, SearchFilters(category="bags"))
+    hits, _ = search(old, view, SearchRequest(vectors[0], 5, SearchFilters(category="bags")))
     assert len(hits) == 5
 
 

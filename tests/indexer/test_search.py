@@ -10,7 +10,7 @@ from fashionrec_indexer import repository as repo
 from fashionrec_indexer import search as search_module
 from fashionrec_indexer.builder import build_index
 from fashionrec_indexer.index_state import IndexState
-from fashionrec_indexer.search import search, searchable_count
+from fashionrec_indexer.search import SearchRequest, search, searchable_count
 from fashionrec_shared.schemas import SearchFilters
 from fashionrec_shared.storage import LocalBlobStore
 from sqlalchemy import Engine
@@ -39,7 +39,7 @@ def run(state: IndexState, engine: Engine, query: np.ndarray, k: int, **kw):  # 
     snapshot = state.current
     with engine.connect() as conn:
         view = snapshot.delta.refresh(conn)
-    hits, stats = search(snapshot.build, view, query, k, **kw)
+    hits, stats = search(snapshot.build, view, SearchRequest(query, k, **kw))
     return hits, stats
 
 

@@ -13,7 +13,7 @@ from fashionrec_indexer import settings as settings_module
 from fashionrec_indexer.builder import build_index, fit_projection
 from fashionrec_indexer.index_files import PROJECTION_FILE, fetch, open_build
 from fashionrec_indexer.index_state import DeltaView, IndexState
-from fashionrec_indexer.search import exact_top, search
+from fashionrec_indexer.search import SearchRequest, exact_top, search
 from fashionrec_indexer.settings import IndexerSettings
 from fashionrec_shared.schemas import SearchFilters
 from fashionrec_shared.storage import LocalBlobStore
@@ -33,7 +33,7 @@ def test_defaults_come_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.ann_dim == settings_module.ANN_DIM
     assert settings.ann_projection == settings_module.ANN_PROJECTION
     assert settings.ann_candidates == settings_module.ANN_CANDIDATES
-    params = inspect.signature(search).parameters
+    params = inspect.signature(SearchRequest).parameters
     assert params["candidates"].default == settings.ann_candidates
     assert params["search_k"].default == settings.search_k
     params = inspect.signature(build_index).parameters
@@ -100,7 +100,9 @@ def test_projected_search_returns_k_distinct_exact_scores(
         view = snapshot.delta.refresh(conn)
     by_id = {item_id: n for n, item_id in enumerate(ids)}
     for i in (0, 11, 42):
-        hits, stats = search(snapshot.build, view, vectors[i], 5, candidates=candidates)
+        hits, stats = search(
+            snapshot.build, view, SearchRequest(vectors[i], 5, candidates=candidates)
+        )
         assert stats.annoy_used and len(hits) == 5 and len({h for h, _ in hits}) == 5
         scores = [s for _, s in hits]
         assert scores == sorted(scores, reverse=True)
@@ -113,7 +115,9 @@ def test_projected_search_returns_k_distinct_exact_scores(
     short = lambda build, query, n, search_k: [0, 1]  # noqa: E731
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(search_module, "annoy_candidates", short)
-        hits, stats = search(snapshot.build, view, vectors[9], 10, candidates=candidates)
+        hits, stats = search(
+            snapshot.build, view, SearchRequest(vectors[9], 10, candidates=candidates)
+        )
     assert stats.fallback and len(hits) == 10 and hits[0][0] == ids[9]
 
 
@@ -156,7 +160,7 @@ def test_delta_scan_matches_brute_force() -> None:
         keep &= np.array([i not in exclude for i in view.ids])
         scores = vectors @ query
         brute = [int(r) for r in np.argsort(-scores) if keep[r]][:10]
-        hits, _ = search(None, view, query, 10, filters=filters, exclude=exclude)
+        hits, _ = search(None, view, SearchRequest(query, 10, filters=filters, exclude=exclude))
         assert [h.int for h, _ in hits] == brute
         np.testing.assert_allclose([s for _, s in hits], scores[brute], atol=1e-6)
 

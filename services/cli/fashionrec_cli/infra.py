@@ -8,7 +8,6 @@ restarts; `stop()` leaves no process behind.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -151,7 +150,3 @@ def data_dir_layout(data_dir: Path) -> dict[str, Path]:
         "models": data_dir / "models",
         "logs": data_dir / "logs",
     }
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

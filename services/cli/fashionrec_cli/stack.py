@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import httpx
-
+from fashionrec_cli.client import GatewayClient, GatewayError
 from fashionrec_cli.infra import EmbeddedPostgres, EmbeddedRedis, data_dir_layout, free_port
 from fashionrec_cli.supervisor import Supervisor
 
@@ -170,7 +169,7 @@ class Stack:
         assert self.supervisor is not None
         deadline = time.monotonic() + timeout
         last = ""
-        with httpx.Client(timeout=5.0) as client:
+        with GatewayClient(self.gateway_url, timeout=5.0) as client:
             while time.monotonic() < deadline:
                 failed = self.supervisor.failed_child()
                 if failed is not None:
@@ -178,11 +177,9 @@ class Stack:
                         f"{failed.name} exited with code {failed.exit_code()}:\n{failed.tail()}"
                     )
                 try:
-                    response = client.get(f"{self.gateway_url}/readyz")
-                    if response.status_code == 200:
-                        return
-                    last = response.text
-                except httpx.HTTPError as exc:
+                    client.ready()
+                    return
+                except GatewayError as exc:
                     last = str(exc)
                 time.sleep(0.25)
         raise TimeoutError(f"the stack was not ready after {timeout:.0f}s; last answer: {last}")

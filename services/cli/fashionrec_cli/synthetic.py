@@ -15,7 +15,7 @@ import itertools
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -504,8 +504,3 @@ def perturb(img: Image.Image, seed: int) -> Image.Image:
     result = Image.open(buf)
     result.load()
     return result.convert("RGB")
-
-
-def spec_dict(spec: GarmentSpec) -> dict[str, object]:
-    """The spec as plain JSON-able data (for fixtures and debugging)."""
-    return asdict(spec)

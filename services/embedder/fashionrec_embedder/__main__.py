@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from fashionrec_shared.logging_setup import configure_logging
 from pydantic import ValidationError
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="fashionrec embedder")
@@ -38,21 +38,19 @@ def _apply_options(**options: object) -> None:
             os.environ[f"FASHIONREC_EMBEDDER_{name.upper()}"] = str(value)
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings(**options: object):  # type: ignore[no-untyped-def]
+    """The settings from the environment, with the options given (not None) overriding it."""
     from fashionrec_embedder.settings import EmbedderSettings
 
     try:
-        return EmbedderSettings()
+        return EmbedderSettings(**{k: v for k, v in options.items() if v is not None})
     except ValidationError as exc:
         typer.echo(f"invalid embedder settings: {exc}", err=True)
         raise typer.Exit(2) from exc
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
+    configure_logging("embedder", level)
 
 
 @cli.command()
@@ -68,16 +66,16 @@ def worker(
 ) -> None:
     """Run the Celery worker on queue `embed` (prefork; each process loads the model once)."""
     from fashionrec_embedder.weights import WeightsError, ensure_available, parse_weights
-    from fashionrec_embedder.worker import create_celery
+    from fashionrec_embedder.worker import create_worker_app
 
-    _apply_options(
+    # The worker processes get these settings by forking (create_worker_app closes over them).
+    settings = _settings(
         weights=weights,
         backbone=backbone,
         concurrency=concurrency,
         device=device,
         previous_weights=previous_weights,
     )
-    settings = _settings()
     _setup_logging(loglevel or settings.log_level)
     try:
         # Fail fast in the parent: a bad weights setting would crash-loop every child, and
@@ -92,7 +90,7 @@ def worker(
     except WeightsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    app = create_celery(settings)
+    app = create_worker_app(settings)
     app.worker_main(
         [
             "worker",
@@ -181,14 +179,10 @@ def evaluate(
     image_size: Annotated[int | None, typer.Option(min=32, help="model input side (px)")] = None,
 ) -> None:
     """Retrieval quality on DeepFashion In-shop: Recall@1/5/10/20 and mAP@10 (exact cosine)."""
+    from fashionrec_shared.files import write_json
     from rich.console import Console
 
-    from fashionrec_embedder.evaluation import (
-        EvaluationError,
-        evaluate_inshop,
-        render_table,
-        write_json,
-    )
+    from fashionrec_embedder.evaluation import EvaluationError, evaluate_inshop, render_table
     from fashionrec_embedder.settings import EmbedderSettings
     from fashionrec_embedder.weights import WeightsError
 

@@ -27,21 +27,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from fashionrec_shared.files import write_atomic
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fashionrec_embedder.backbones import BACKBONES, Backbone, WeightsError, get_backbone
-from fashionrec_embedder.network import (
-    EMBEDDING_KINDS,
-    HEAD_KINDS,
-    HeadSpec,
-    MultiTaskNet,
-    embedding_dim,
-)
+from fashionrec_embedder.network import HeadSpec, MultiTaskNet, embedding_dim
 
 FORMAT = "fashionrec-model"
 FORMAT_VERSION = 2
@@ -114,15 +109,99 @@ def _fail(where: Path, problem: str) -> ArtifactError:
     return ArtifactError(f"model artifact {where}: {problem}")
 
 
-def config_backbone(config: Mapping[str, Any]) -> Backbone:
-    """The backbone a (validated) config names; format_version 1 models are all ResNet50."""
-    if config.get("format_version") == 1:
-        return get_backbone("resnet50")
-    return get_backbone(str(config["backbone"]))
+class HeadConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    kind: Literal["single_label", "multi_label"]
+    classes: tuple[str, ...] = Field(min_length=1)
+
+    def spec(self) -> HeadSpec:
+        return HeadSpec(self.name, self.kind, self.classes)
 
 
-def validate_config(config: Any, where: Path) -> list[HeadSpec]:
-    """Check every field serving relies on; returns the head specs."""
+class EmbeddingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["heads", "pooled"]
+    dim: int
+
+
+class PreprocessingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: int = Field(strict=True, ge=32, le=1024)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: Literal["shorter-side, center crop"]
+
+
+class ArtifactConfig(BaseModel):
+    """config.json, typed: what the tensors mean, how to feed them, and the model version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["fashionrec-model"]
+    format_version: Literal[1, 2]
+    architecture: str
+    backbone: str = "resnet50"  # format_version 1 has no field: all its models are ResNet50
+    heads: tuple[HeadConfig, ...]
+    embedding: EmbeddingConfig
+    preprocessing: PreprocessingConfig
+    attribute_threshold: float = Field(gt=0.0, lt=1.0)
+    training: dict[str, Any] = Field(default_factory=dict)
+    model_version: str
+
+    @field_validator("heads")
+    @classmethod
+    def _some_heads(cls, heads: tuple[HeadConfig, ...]) -> tuple[HeadConfig, ...]:
+        if not heads:
+            raise ValueError("'heads' must be a non-empty list")
+        return heads
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArtifactConfig:
+        expected = _V1_ARCHITECTURE if self.format_version == 1 else ARCHITECTURE
+        if self.architecture != expected:
+            raise ValueError(f"unknown architecture {self.architecture!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(
+                f"unknown backbone {self.backbone!r}; this embedder knows {', '.join(BACKBONES)}"
+            )
+        arch = self.arch
+        dim = embedding_dim(self.embedding.kind, len(self.heads), arch.feature_dim)
+        if self.embedding.dim != dim:
+            raise ValueError(
+                f"embedding dim {self.embedding.dim} does not match kind "
+                f"{self.embedding.kind!r} with {len(self.heads)} heads (expected {dim})"
+            )
+        # Serving normalises as the backbone was trained to see images.
+        for key, want in (("mean", arch.norm.mean), ("std", arch.norm.std)):
+            got = getattr(self.preprocessing, key)
+            if any(abs(a - b) >= 1e-4 for a, b in zip(got, want, strict=True)):
+                raise ValueError(f"preprocessing.{key} {list(got)} is not the {arch.name} one")
+        return self
+
+    @property
+    def arch(self) -> Backbone:
+        return get_backbone(self.backbone)
+
+    @property
+    def head_specs(self) -> list[HeadSpec]:
+        return [head.spec() for head in self.heads]
+
+
+def _problems(exc: ValidationError) -> str:
+    """`field.path: what is wrong` for each error, without pydantic's prefixes."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "config"
+        parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def validate_config(config: Any, where: Path) -> ArtifactConfig:
+    """Check every field serving relies on; returns the typed config."""
     if not isinstance(config, dict):
         raise _fail(where, "config.json must hold a JSON object")
     if config.get("format") != FORMAT:
@@ -137,71 +216,10 @@ def validate_config(config: Any, where: Path) -> list[HeadSpec]:
             f"unsupported format_version {config.get('format_version')!r}; this embedder reads "
             f"format_version 1 and {FORMAT_VERSION}",
         )
-    architecture = _V1_ARCHITECTURE if config["format_version"] == 1 else ARCHITECTURE
-    if config.get("architecture") != architecture:
-        raise _fail(where, f"unknown architecture {config.get('architecture')!r}")
-    if config["format_version"] != 1 and config.get("backbone") not in BACKBONES:
-        raise _fail(
-            where,
-            f"unknown backbone {config.get('backbone')!r}; this embedder knows "
-            f"{', '.join(BACKBONES)}",
-        )
-    arch = config_backbone(config)
-    raw_heads = config.get("heads")
-    if not isinstance(raw_heads, list) or not raw_heads:
-        raise _fail(where, "'heads' must be a non-empty list")
-    heads: list[HeadSpec] = []
-    for i, head in enumerate(raw_heads):
-        if not isinstance(head, dict):
-            raise _fail(where, f"heads[{i}] must be an object")
-        name, kind, classes = head.get("name"), head.get("kind"), head.get("classes")
-        if not isinstance(name, str) or not name:
-            raise _fail(where, f"heads[{i}] needs a non-empty 'name'")
-        if kind not in HEAD_KINDS:
-            raise _fail(where, f"head {name!r} has kind {kind!r}; expected one of {HEAD_KINDS}")
-        if (
-            not isinstance(classes, list)
-            or not classes
-            or not all(isinstance(c, str) for c in classes)
-        ):
-            raise _fail(where, f"head {name!r} needs 'classes', a non-empty list of strings")
-        heads.append(HeadSpec(name, kind, tuple(classes)))
-    embedding = config.get("embedding")
-    if not isinstance(embedding, dict) or embedding.get("kind") not in EMBEDDING_KINDS:
-        raise _fail(where, f"'embedding.kind' must be one of {EMBEDDING_KINDS}")
-    expected_dim = embedding_dim(embedding["kind"], len(heads), arch.feature_dim)
-    if embedding.get("dim") != expected_dim:
-        raise _fail(
-            where,
-            f"embedding dim {embedding.get('dim')!r} does not match kind "
-            f"{embedding['kind']!r} with {len(heads)} heads (expected {expected_dim})",
-        )
-    prep = config.get("preprocessing")
-    if not isinstance(prep, dict):
-        raise _fail(where, "'preprocessing' must be an object")
-    size = prep.get("image_size")
-    if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= 1024:
-        raise _fail(where, f"preprocessing.image_size {size!r} must be a whole number 32..1024")
-    for key, expected in (("mean", arch.norm.mean), ("std", arch.norm.std)):
-        value = prep.get(key)
-        if not (
-            isinstance(value, list)
-            and len(value) == 3
-            and all(isinstance(v, int | float) for v in value)
-            and all(abs(float(a) - float(b)) < 1e-4 for a, b in zip(value, expected, strict=True))
-        ):
-            # Serving normalises as the backbone was trained to see images.
-            raise _fail(
-                where, f"preprocessing.{key} {value!r} is not the {arch.name} one {expected}"
-            )
-    if prep.get("resize") != RESIZE:
-        raise _fail(where, f"preprocessing.resize {prep.get('resize')!r} is not {RESIZE!r}")
-    threshold = config.get("attribute_threshold")
-    if not isinstance(threshold, int | float) or not 0.0 < float(threshold) < 1.0:
-        raise _fail(where, f"attribute_threshold {threshold!r} must be between 0 and 1")
-    if not isinstance(config.get("model_version"), str):
-        raise _fail(where, "config.json has no 'model_version'")
-    return heads
+    try:
+        return ArtifactConfig.model_validate(config)
+    except ValidationError as exc:
+        raise _fail(where, _problems(exc)) from exc
 
 
 def artifact_dir(path: Path | str) -> Path:
@@ -218,7 +236,7 @@ def is_artifact(path: Path | str) -> bool:
 
 
 def read_config(path: Path | str) -> dict[str, Any]:
-    """Read and validate config.json (does not read the weights)."""
+    """Read and validate config.json as stored (does not read the weights)."""
     where = artifact_dir(path)
     config_path = where / CONFIG_NAME
     try:
@@ -229,6 +247,11 @@ def read_config(path: Path | str) -> dict[str, Any]:
         raise _fail(where, f"cannot read {CONFIG_NAME}: {exc}") from exc
     validate_config(config, where)
     return config
+
+
+def load_config(path: Path | str) -> ArtifactConfig:
+    """The typed config.json of a model directory (does not read the weights)."""
+    return validate_config(read_config(path), artifact_dir(path))
 
 
 def read_weights(path: Path | str, config: Mapping[str, Any]) -> bytes:
@@ -252,17 +275,6 @@ def read_weights(path: Path | str, config: Mapping[str, Any]) -> bytes:
 # ---- export / load --------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_artifact(out_dir: Path | str, weights: bytes, config: Mapping[str, Any]) -> dict:
     """Write weights + config (model_version computed here) into `out_dir`; returns the config."""
     out = Path(out_dir).expanduser()
@@ -270,9 +282,9 @@ def write_artifact(out_dir: Path | str, weights: bytes, config: Mapping[str, Any
     final = {k: v for k, v in config.items() if k != "model_version"}
     final["model_version"] = content_version(weights, final)
     validate_config(final, out)
-    _write_atomic(out / WEIGHTS_NAME, weights)
+    write_atomic(out / WEIGHTS_NAME, weights)
     text = json.dumps(final, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    _write_atomic(out / CONFIG_NAME, text.encode())
+    write_atomic(out / CONFIG_NAME, text.encode())
     return final
 
 
@@ -322,29 +334,28 @@ def reexport(src: Path | str, out_dir: Path | str, *, embedding: str) -> dict[st
     """Copy an artifact with another embedding kind (same weights, new model_version)."""
     config = read_config(src)
     weights = read_weights(src, config)
-    heads = validate_config(config, artifact_dir(src))
+    typed = validate_config(config, artifact_dir(src))
     config = dict(config)
-    dim = embedding_dim(embedding, len(heads), config_backbone(config).feature_dim)
+    dim = embedding_dim(embedding, len(typed.heads), typed.arch.feature_dim)
     config["embedding"] = {"kind": embedding, "dim": dim}
     return write_artifact(out_dir, weights, config)
 
 
-def load_artifact(path: Path | str) -> tuple[MultiTaskNet, dict[str, Any]]:
+def load_artifact(path: Path | str) -> tuple[MultiTaskNet, ArtifactConfig]:
     """Load an exported model on CPU in eval mode; never unpickles anything."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     where = artifact_dir(path)
-    config = read_config(where)
-    heads = validate_config(config, where)
-    data = read_weights(where, config)
+    raw = read_config(where)
+    config = validate_config(raw, where)
+    data = read_weights(where, raw)
     try:
         state = load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise _fail(where, f"{WEIGHTS_NAME} is not a valid safetensors file: {exc}") from exc
-    arch = config_backbone(config)
-    body = arch.build(int(config["preprocessing"]["image_size"]))
-    model = MultiTaskNet(body, heads, arch.name)
+    body = config.arch.build(config.preprocessing.image_size)
+    model = MultiTaskNet(body, config.head_specs, config.arch.name)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -17,7 +17,6 @@ pooled features (no classifier). This module imports no other module of the embe
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 from collections.abc import Mapping
@@ -35,12 +34,6 @@ log = logging.getLogger("fashionrec.embedder.backbones")
 
 class WeightsError(RuntimeError):
     """The configured weights cannot be used; the message says what to do instead."""
-
-
-def file_digest(path: Path) -> str:
-    """sha256 hex digest of a file."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,14 @@ counted in `queries_skipped`):
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fashionrec_shared.progress import progress_bar
 
 from fashionrec_embedder.evaluation_inshop import (
     EvaluationError,
@@ -52,7 +51,6 @@ __all__ = [
     "relevance",
     "render_table",
     "retrieval_metrics",
-    "write_json",
 ]
 
 
@@ -143,27 +141,6 @@ def retrieval_metrics(
 # ---- embedding a dataset ----------------------------------------------------------------------
 
 
-def _progress(enabled: bool):  # type: ignore[no-untyped-def]
-    if not enabled:
-        return nullcontext(None)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-
-
 def _input_size(model: Embedder) -> int:
     # A trained artifact fixes its own input size (Embedder.image_size); else the setting.
     return int(getattr(model, "image_size", None) or model.settings.image_size)
@@ -175,8 +152,8 @@ def embed_files(
     """Embed `root/name` for every name, `batch_size` images per model call → (N, dim)."""
     settings = model.settings
     parts: list[np.ndarray] = []
-    with _progress(progress) as bar:
-        task = bar.add_task("embedding", total=len(names)) if bar else None
+    with progress_bar(progress) as bar:
+        task = bar.add_task("embedding", total=len(names))
         for start in range(0, len(names), batch_size):
             images = []
             for name in names[start : start + batch_size]:
@@ -192,8 +169,7 @@ def embed_files(
                 except (OSError, ImageDecodeError) as exc:
                     raise EvaluationError(f"{path}: {exc}") from exc
             parts.append(model.embed(images))
-            if bar:
-                bar.update(task, advance=len(images))
+            bar.update(task, advance=len(images))
     if not parts:
         return np.empty((0, model.dim), dtype=np.float32)
     return np.concatenate(parts, axis=0)
@@ -245,12 +221,6 @@ def evaluate_inshop(
 
 
 # ---- output ----------------------------------------------------------------------------------
-
-
-def write_json(result: dict[str, Any], path: Path | str) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def render_table(result: dict[str, Any], console: Any = None) -> None:

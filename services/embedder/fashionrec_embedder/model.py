@@ -31,7 +31,7 @@ from fashionrec_shared.tasks import Predicted
 from PIL import Image
 from torch import nn
 
-from fashionrec_embedder.artifact import config_backbone, load_artifact, read_config
+from fashionrec_embedder.artifact import ArtifactConfig, load_artifact, load_config
 from fashionrec_embedder.network import HeadSpec
 from fashionrec_embedder.predictions import decode_predictions
 from fashionrec_embedder.preprocess import ImageDecodeError, decode_image, image_to_array
@@ -96,7 +96,7 @@ class Embedder:
     def __init__(self, settings: EmbedderSettings) -> None:
         self.settings = settings
         self.source: WeightsSource = parse_weights(settings.weights, settings.backbone)
-        self.config: dict[str, object] | None = None
+        self.config: ArtifactConfig | None = None
         self.heads: list[HeadSpec] = []  # a trained model's heads: it predicts as it embeds
         self.attribute_threshold = 0.5
         self.backbone = self.source.arch
@@ -105,16 +105,14 @@ class Embedder:
         self.image_size: int = settings.image_size or self.backbone.image_size
         if self.source.kind == "artifact":
             assert self.source.path is not None
-            config = read_config(self.source.path)
+            config = load_config(self.source.path)
             self.config = config
-            self.backbone = config_backbone(config)
-            self.heads = [
-                HeadSpec(h["name"], h["kind"], tuple(h["classes"])) for h in config["heads"]
-            ]
-            self.attribute_threshold = float(config["attribute_threshold"])
-            self.dim = int(config["embedding"]["dim"])
-            self.image_size = int(config["preprocessing"]["image_size"])
-            version = str(config["model_version"])
+            self.backbone = config.arch
+            self.heads = config.head_specs
+            self.attribute_threshold = config.attribute_threshold
+            self.dim = config.embedding.dim
+            self.image_size = config.preprocessing.image_size
+            version = config.model_version
             if settings.image_size not in (None, self.image_size):
                 log.info(
                     "model %s fixes image_size=%d (setting image_size=%d is ignored)",
@@ -157,12 +155,12 @@ class Embedder:
         if self.source.kind == "artifact":
             assert self.source.path is not None and self.config is not None
             net, config = load_artifact(self.source.path)  # checks the content hash
-            if config["model_version"] != self.fp32_version:
+            if config.model_version != self.fp32_version:
                 raise WeightsError(
                     f"model artifact {self.source.path} changed while loading "
-                    f"({self.fp32_version} → {config['model_version']}); restart"
+                    f"({self.fp32_version} → {config.model_version}); restart"
                 )
-            return _ArtifactEmbedding(net, str(config["embedding"]["kind"])).eval()
+            return _ArtifactEmbedding(net, config.embedding.kind).eval()
         return load_body(self.source, self.settings.cache_dir, self.image_size).eval()
 
     def onnx_file(self, precision: str | None = None) -> Path:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from fashionrec_shared.limits import MAX_IMAGE_PIXELS
 from PIL import Image, ImageOps
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -47,7 +48,7 @@ IMAGENET = Normalisation(
 )
 # TensorFlow's EfficientNet-Lite checkpoints: (x - 127) / 128.
 TF_LITE = Normalisation((127 / 255,) * 3, (128 / 255,) * 3)  # type: ignore[arg-type]
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS  # the gateway's limit too
 _WHITE = (255, 255, 255)
 
 

@@ -23,11 +23,17 @@ import random
 from pathlib import Path
 
 import numpy as np
+from fashionrec_shared.files import atomic_path
 from PIL import Image, ImageDraw, ImageFilter
 
 from fashionrec_embedder.backbones import WeightsError
-from fashionrec_embedder.preprocess import Normalisation, decode_image, image_to_array
-from fashionrec_embedder.runtimes import INPUT_NAME, atomic_path
+from fashionrec_embedder.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    Normalisation,
+    decode_image,
+    image_to_array,
+)
+from fashionrec_embedder.runtimes import INPUT_NAME
 
 log = logging.getLogger("fashionrec.embedder.quantize")
 
@@ -143,7 +149,7 @@ def calibration_batch(
     norm: Normalisation,
     count: int,
     directory: Path | None = None,
-    max_pixels: int = 40_000_000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """(count, 3, S, S) float32 inputs, preprocessed exactly like served images."""
     if directory is not None:

@@ -20,13 +20,13 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from fashionrec_shared.files import atomic_path
 from torch import nn
 
 log = logging.getLogger("fashionrec.embedder.runtimes")
@@ -179,19 +179,6 @@ def onnx_path(cache_dir: Path, model_version: str, image_size: int, variant: str
     """Where the ONNX file of `model_version` at `image_size` lives (variant: '' or '-int8…')."""
     name = f"{model_version}-px{image_size}{variant}.onnx"
     return Path(cache_dir).expanduser() / "onnx" / ONNX_FORMAT / name
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """A temporary path next to `final`, renamed onto it only when the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.", suffix=".onnx")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, final)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
+from fashionrec_shared.limits import MAX_IMAGE_PIXELS
 from fashionrec_shared.settings import ServiceSettings
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -53,8 +54,8 @@ class EmbedderSettings(ServiceSettings):
     # int8 calibration images: a folder of shop images; default: synthetic garments.
     calibration_dir: Path | None = None
     calibration_images: int = Field(default=64, ge=8, le=4096)
-    # Same default as the gateway's limit; the embedder re-checks because it decodes blobs itself.
-    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    # The gateway's limit (a shared contract); re-checked because the embedder decodes blobs itself.
+    max_image_pixels: int = Field(default=MAX_IMAGE_PIXELS, ge=1)
 
     @field_validator("cache_dir")
     @classmethod

@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from fashionrec_shared.files import file_sha256
 from torch import nn
 
 from fashionrec_embedder.artifact import (
     artifact_dir,
     is_artifact,
     load_artifact,
+    load_config,
     read_config,
     read_weights,
 )
@@ -38,7 +40,6 @@ from fashionrec_embedder.backbones import (
     DEFAULT_BACKBONE,
     Backbone,
     WeightsError,
-    file_digest,
     get_backbone,
 )
 
@@ -74,7 +75,7 @@ class WeightsSource:
         """The backbone these weights are for."""
         if self.kind == "artifact":
             assert self.path is not None
-            return get_backbone(str(read_config(self.path)["backbone"]))
+            return load_config(self.path).arch
         return get_backbone(self.backbone)
 
 
@@ -121,7 +122,7 @@ def model_version(source: WeightsSource, image_size: int | None = None) -> str:
     """
     if source.kind == "artifact":
         assert source.path is not None
-        return str(read_config(source.path)["model_version"])
+        return load_config(source.path).model_version
     arch = source.arch
     if source.kind == "imagenet":
         version = f"{arch.name}-imagenet-{arch.imagenet_tag()}"
@@ -129,7 +130,7 @@ def model_version(source: WeightsSource, image_size: int | None = None) -> str:
         version = f"{arch.name}-random-s{source.seed}"
     else:
         assert source.path is not None
-        version = f"{arch.name}-file-{file_digest(source.path)[:12]}"
+        version = f"{arch.name}-file-{file_sha256(source.path)[:12]}"
     if image_size is not None and image_size != arch.image_size:
         version += f"-px{image_size}"
     assert _VERSION_RE.match(version), version
@@ -186,7 +187,7 @@ def imagenet_state_dict(arch: Backbone, cache_dir: Path) -> dict[str, torch.Tens
     """The backbone's ImageNet tensors, checked against the digest its file name carries."""
     path = arch.imagenet_file(cache_dir)
     tag = arch.imagenet_tag()
-    if not file_digest(path).startswith(tag):
+    if not file_sha256(path).startswith(tag):
         raise WeightsError(
             f"{path} does not match its sha256 prefix {tag}: the file is damaged; reinstall "
             "the package that ships it (or delete it to download it again)"

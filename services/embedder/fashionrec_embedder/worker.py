@@ -1,9 +1,11 @@
 """Celery worker of the embedder (queue `embed`): the only process family that runs the model.
 
-The Celery app is built by `create_celery()` (no module-level app built from the environment).
-Each prefork child builds its settings, blob store, Redis client and model in
+`create_worker_app(settings)` builds the Celery app (no module-level app, no settings read from
+the environment after the fork); its tasks close over this process's `EmbedderResources`. Each
+prefork child builds its `WorkerContext` (blob store, Redis client, models) in
 `worker_process_init` (after the fork: torch thread pools and CUDA do not survive a fork), then
-announces itself with a heartbeat key the gateway's /readyz counts.
+announces itself with a heartbeat key the gateway's /readyz counts. The task policy, the
+poison-message guard included, is `fashionrec_shared.task_base.PolicyTask`.
 
 Task bodies are plain functions (`embed_query`, `embed_items`) taking a `WorkerContext`, so tests
 run them against real storage and Redis without a worker.
@@ -34,21 +36,20 @@ import numpy as np
 import redis
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init, worker_process_shutdown
-from fashionrec_shared.celery_app import (
-    HARD_TIME_LIMIT,
-    MAX_DELIVERIES,
-    SOFT_TIME_LIMIT,
-    delivery_count,
-    make_celery,
-    send,
-)
+from fashionrec_shared.celery_app import make_celery, send
+from fashionrec_shared.keys import EMBEDDER_ALIVE_TTL_S, embedder_alive_key
 from fashionrec_shared.storage import (
     BlobNotFound,
     BlobStore,
     StorageUnavailable,
     make_blob_store,
     sha256_hex,
+)
+from fashionrec_shared.task_base import (
+    PolicyTask,
+    ProcessResources,
+    poison_reason,
+    policy_task,
 )
 from fashionrec_shared.tasks import (
     EmbedItem,
@@ -78,25 +79,13 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.TimeoutError,
     kombu.exceptions.OperationalError,
 )
-TASK_OPTIONS: dict[str, Any] = {
-    "bind": True,
-    "autoretry_for": TRANSIENT_ERRORS,
-    "retry_backoff": True,
-    "retry_backoff_max": 60,
-    "retry_jitter": True,
-    "max_retries": 3,
-    "soft_time_limit": SOFT_TIME_LIMIT,
-    "time_limit": HARD_TIME_LIMIT,
-    "acks_late": True,
-    "reject_on_worker_lost": True,
-}
-HEARTBEAT_PREFIX = "fashionrec:embedder:alive"
-HEARTBEAT_TTL_S = 30
 HEARTBEAT_INTERVAL_S = 10.0
 
 
-class PoisonMessage(RuntimeError):
-    """A message was delivered more than MAX_DELIVERIES times (it keeps killing workers)."""
+class EmbedderTask(PolicyTask):
+    """The embedder's tasks: retried on storage and broker connection errors."""
+
+    autoretry_for = TRANSIENT_ERRORS
 
 
 class ImageMismatch(ValueError):
@@ -118,7 +107,7 @@ VERSION_RETRY_S = 5.0
 
 
 def heartbeat_key(hostname: str | None = None, pid: int | None = None) -> str:
-    return f"{HEARTBEAT_PREFIX}:{hostname or socket.gethostname()}:{pid or os.getpid()}"
+    return embedder_alive_key(hostname or socket.gethostname(), pid or os.getpid())
 
 
 class Heartbeat:
@@ -130,7 +119,7 @@ class Heartbeat:
         info: dict[str, Any],
         *,
         interval_s: float = HEARTBEAT_INTERVAL_S,
-        ttl_s: int = HEARTBEAT_TTL_S,
+        ttl_s: int = EMBEDDER_ALIVE_TTL_S,
     ) -> None:
         self.client = client
         self.key = heartbeat_key()
@@ -242,9 +231,11 @@ def load_previous(settings: EmbedderSettings, primary_version: str) -> list[Embe
     return loaded
 
 
-def announce_model(context: WorkerContext, sender: Callable[..., object] = send) -> bool:
-    """Send MODEL_ONLINE for the primary model; the indexer starts a re-embed if it is new."""
-    app = make_celery("fashionrec-embedder-announce", context.settings.broker)
+def announce_model(
+    context: WorkerContext, app: Celery, sender: Callable[..., object] = send
+) -> bool:
+    """Send MODEL_ONLINE for the primary model with the worker's own app; the indexer starts a
+    re-embed if it is new."""
     try:
         sender(
             app,
@@ -259,67 +250,50 @@ def announce_model(context: WorkerContext, sender: Callable[..., object] = send)
     except Exception as exc:  # the next process start announces again; serving goes on
         log.warning("could not announce model %s: %s", context.model.model_version, exc)
         return False
-    finally:
-        app.close()
 
 
-_context: WorkerContext | None = None
-_context_lock = threading.Lock()
+class EmbedderResources(ProcessResources):
+    """This process's WorkerContext, built after the fork; or one the caller built (tests)."""
 
+    def __init__(self, settings: EmbedderSettings, context: WorkerContext | None = None) -> None:
+        super().__init__()
+        self.settings = default_threads(settings)
+        self.context = context
+        if context is not None:
+            self.adopt()
 
-def set_context(context: WorkerContext | None) -> None:
-    global _context
-    _context = context
+    def open(self) -> None:
+        started = time.perf_counter()
+        context = WorkerContext.build(self.settings)
+        context.start_heartbeat()
+        if self.app is not None:
+            announce_model(context, self.app)
+        self.context = context
+        log.info(
+            "embedder process %d ready: model %s (dim %d, also loaded: %s) on %s, "
+            "model load %.2fs, init %.2fs, heartbeat %s",
+            os.getpid(),
+            context.model.model_version,
+            context.model.dim,
+            ", ".join(m.model_version for m in context.previous) or "-",
+            context.model.device,
+            context.model.load_seconds or 0.0,
+            time.perf_counter() - started,
+            context.heartbeat.key if context.heartbeat else "-",
+        )
 
+    def close(self) -> None:
+        if self.context is not None:
+            self.context.close()
+            self.context = None
 
-def get_context() -> WorkerContext:
-    """This process's context; built lazily for pools without worker_process_init (solo)."""
-    global _context
-    with _context_lock:
-        if _context is None:
-            _context = WorkerContext.build(default_threads(EmbedderSettings()))
-            _context.start_heartbeat()
-            announce_model(_context)
-        return _context
-
-
-@worker_process_init.connect
-def _init_worker_process(**_: Any) -> None:
-    started = time.perf_counter()
-    context = get_context()
-    log.info(
-        "embedder process %d ready: model %s (dim %d, also loaded: %s) on %s, model load %.2fs, "
-        "init %.2fs, heartbeat %s",
-        os.getpid(),
-        context.model.model_version,
-        context.model.dim,
-        ", ".join(m.model_version for m in context.previous) or "-",
-        context.model.device,
-        context.model.load_seconds or 0.0,
-        time.perf_counter() - started,
-        context.heartbeat.key if context.heartbeat else "-",
-    )
-
-
-@worker_process_shutdown.connect
-def _shutdown_worker_process(**_: Any) -> None:
-    if _context is not None:
-        _context.close()
-        set_context(None)
+    def get(self) -> WorkerContext:
+        self.ensure()
+        assert self.context is not None
+        return self.context
 
 
 # ---- task bodies ----------------------------------------------------------------------------
-
-
-def deliveries_exceeded(context: WorkerContext, task_id: str | None, retries: int) -> int | None:
-    """Count this delivery; the count when the message is poison, else None.
-
-    Retries re-send the message under the same id, so they are not counted as redeliveries.
-    """
-    if not task_id:
-        return None
-    count = delivery_count(context.redis, task_id)
-    return count if count - retries > MAX_DELIVERIES else None
 
 
 def load_image(context: WorkerContext, ref: ImageRef) -> Image.Image:
@@ -340,13 +314,8 @@ def _valid_vector(vector: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(vector))) and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3
 
 
-def embed_query(
-    context: WorkerContext, payload: dict[str, Any], *, task_id: str | None = None, retries: int = 0
-) -> dict[str, Any]:
+def embed_query(context: WorkerContext, payload: EmbedQuery | dict[str, Any]) -> dict[str, Any]:
     """EMBED_QUERY: one stored query image → EmbedQueryResult (as a dict)."""
-    poisoned = deliveries_exceeded(context, task_id, retries)
-    if poisoned is not None:
-        raise PoisonMessage(f"poison message: gave up after {poisoned} deliveries")
     request = EmbedQuery.model_validate(payload)
     # The version the index serves if this process holds it, else the primary (the indexer
     # answers 409 naming its version and the gateway asks again).
@@ -385,13 +354,41 @@ def _targets(context: WorkerContext, version: str | None) -> list[Embedder]:
     return [model] if model is not None else []
 
 
-def embed_items(
+def fail_items(
     context: WorkerContext,
-    payload: dict[str, Any],
+    request: EmbedItems,
+    reason: str,
     *,
     store_results: Callable[[StoreEmbeddings], object],
-    task_id: str | None = None,
-    retries: int = 0,
+    poison: bool = False,
+) -> dict[str, Any]:
+    """Report every item of `request` failed with `reason`, under the first version it names."""
+    targets = _targets(context, request.model_version)
+    version = targets[0].model_version if targets else str(request.model_version)
+    if request.items:
+        store_results(
+            StoreEmbeddings(
+                job_id=request.job_id,
+                model_version=version,
+                dim=targets[0].dim if targets else context.model.dim,
+                failures=[_failure(item, reason) for item in request.items],
+            )
+        )
+    return {
+        "job_id": request.job_id,
+        "model_version": version,
+        "embedded": 0,
+        "failed": len(request.items),
+        "poison": poison,
+        "model_versions": [version],
+    }
+
+
+def embed_items(
+    context: WorkerContext,
+    payload: EmbedItems | dict[str, Any],
+    *,
+    store_results: Callable[[StoreEmbeddings], object],
     final: bool = True,
 ) -> dict[str, Any]:
     """EMBED_ITEMS: embed inventory images in batches, then hand results to the indexer.
@@ -405,83 +402,71 @@ def embed_items(
     request = EmbedItems.model_validate(payload)
     items = request.items
     targets = _targets(context, request.model_version)
-    versions = [m.model_version for m in targets] or [str(request.model_version)]
-    # version -> (embeddings, failures); failures of reading an image go to every version.
-    results: dict[str, tuple[list[ItemEmbedding], list[ItemFailure]]] = {
-        v: ([], []) for v in versions
-    }
-    shared: list[ItemFailure] = []
-    summary: dict[str, Any] = {"job_id": request.job_id, "model_version": versions[0]}
-
-    poisoned = deliveries_exceeded(context, task_id, retries)
-    if poisoned is not None:
-        reason = f"poison message: gave up after {poisoned} deliveries"
-        log.error("task %s: %s; reporting %d items failed", task_id, reason, len(items))
-        shared = [_failure(item, reason) for item in items]
-        results = {versions[0]: ([], [])}
-    elif not targets:
+    if not targets:
         loaded = ", ".join(context.models)
         if not final:
             raise VersionNotLoaded(f"model {request.model_version} is not loaded here ({loaded})")
         reason = f"model {request.model_version} is not loaded by any embedder (loaded: {loaded})"
-        shared = [_failure(item, reason) for item in items]
-    else:
-        started = time.perf_counter()
-        try:
-            window = context.settings.batch_size * PIPELINE_BATCHES
-            for start, model in ((s, m) for s in range(0, len(items), window) for m in targets):
-                embeddings, failures = results[model.model_version]
-                chunk = items[start : start + window]
-                # The model's pipeline fetches and decodes the next batch on its decode threads
-                # while the current one is inferred.
-                sources = [functools.partial(load_image, context, item.image) for item in chunk]
-                outcomes = model.embed_and_predict(sources, catch=(BlobNotFound, ValueError))
-                for item, outcome in zip(chunk, outcomes, strict=True):
-                    if isinstance(outcome, BlobNotFound):
-                        failures.append(
-                            _failure(item, f"image not found in storage: {item.image.key}")
+        return fail_items(context, request, reason, store_results=store_results)
+    # version -> (embeddings, failures)
+    results: dict[str, tuple[list[ItemEmbedding], list[ItemFailure]]] = {
+        m.model_version: ([], []) for m in targets
+    }
+    summary: dict[str, Any] = {"job_id": request.job_id, "model_version": targets[0].model_version}
+    started = time.perf_counter()
+    try:
+        window = context.settings.batch_size * PIPELINE_BATCHES
+        for start, model in ((s, m) for s in range(0, len(items), window) for m in targets):
+            embeddings, failures = results[model.model_version]
+            chunk = items[start : start + window]
+            # The model's pipeline fetches and decodes the next batch on its decode threads
+            # while the current one is inferred.
+            sources = [functools.partial(load_image, context, item.image) for item in chunk]
+            outcomes = model.embed_and_predict(sources, catch=(BlobNotFound, ValueError))
+            for item, outcome in zip(chunk, outcomes, strict=True):
+                if isinstance(outcome, BlobNotFound):
+                    failures.append(_failure(item, f"image not found in storage: {item.image.key}"))
+                elif isinstance(outcome, BaseException):  # ImageDecodeError, ImageMismatch
+                    failures.append(_failure(item, str(outcome)))
+                elif _valid_vector(outcome.vector):
+                    embeddings.append(
+                        ItemEmbedding(
+                            item_id=item.item_id,
+                            image_sha256=item.image.sha256,
+                            vector=encode_vector(outcome.vector),
+                            predicted=outcome.predicted,
                         )
-                    elif isinstance(outcome, BaseException):  # ImageDecodeError, ImageMismatch
-                        failures.append(_failure(item, str(outcome)))
-                    elif _valid_vector(outcome.vector):
-                        embeddings.append(
-                            ItemEmbedding(
-                                item_id=item.item_id,
-                                image_sha256=item.image.sha256,
-                                vector=encode_vector(outcome.vector),
-                                predicted=outcome.predicted,
-                            )
-                        )
-                    else:
-                        failures.append(_failure(item, "the model produced a non-finite embedding"))
-        except SoftTimeLimitExceeded:
-            log.warning("soft time limit hit: reporting the items not embedded yet as failed")
-            for embeddings, failures in results.values():
-                reported = {e.item_id for e in (*embeddings, *failures, *shared)}
-                failures.extend(
-                    _failure(item, "embedding timed out (task time limit); upload the item again")
-                    for item in items
-                    if item.item_id not in reported
-                )
-        summary["seconds"] = round(time.perf_counter() - started, 3)
+                    )
+                else:
+                    failures.append(_failure(item, "the model produced a non-finite embedding"))
+    except SoftTimeLimitExceeded:
+        log.warning("soft time limit hit: reporting the items not embedded yet as failed")
+        for embeddings, failures in results.values():
+            reported = {e.item_id for e in (*embeddings, *failures)}
+            failures.extend(
+                _failure(item, "embedding timed out (task time limit); upload the item again")
+                for item in items
+                if item.item_id not in reported
+            )
+    summary["seconds"] = round(time.perf_counter() - started, 3)
 
-    dims = {m.model_version: m.dim for m in targets}
     if items:
-        for version, (embeddings, failures) in results.items():
+        for model in targets:
+            embeddings, failures = results[model.model_version]
             store_results(
                 StoreEmbeddings(
                     job_id=request.job_id,
-                    model_version=version,
-                    dim=dims.get(version, context.model.dim),
+                    model_version=model.model_version,
+                    dim=model.dim,
                     embeddings=embeddings,
-                    failures=[*shared, *failures],
+                    failures=failures,
                 )
             )
-    first_embeddings, first_failures = next(iter(results.values()))
+    first_embeddings, first_failures = results[targets[0].model_version]
     summary.update(
         embedded=len(first_embeddings),
-        failed=len(shared) + len(first_failures),
-        poison=poisoned is not None,
+        failed=len(first_failures),
+        poison=False,
         model_versions=list(results),
     )
     return summary
@@ -490,33 +475,47 @@ def embed_items(
 # ---- Celery app -----------------------------------------------------------------------------
 
 
-def create_celery(settings: EmbedderSettings | None = None) -> Celery:
-    """The embedder's Celery app with both tasks registered (sent by name from other services)."""
-    settings = settings or EmbedderSettings()
+def create_worker_app(
+    settings: EmbedderSettings, *, resources: EmbedderResources | None = None
+) -> Celery:
+    """The embedder's Celery app with both tasks registered (sent by name from other services).
+
+    The tasks close over `resources` (default: built in each worker process from `settings`,
+    which the parent passes to its children by forking, never through the environment)."""
     app = make_celery("fashionrec_embedder", settings.broker)
+    resources = resources or EmbedderResources(settings)
+    resources.serve(app)
 
-    app.task(name=str(TaskName.EMBED_QUERY), **TASK_OPTIONS)(embed_query_task)
-    app.task(name=str(TaskName.EMBED_ITEMS), **TASK_OPTIONS)(embed_items_task)
-    return app
+    def store_results(result: StoreEmbeddings) -> None:
+        send(app, TaskName.STORE_EMBEDDINGS, result)
 
-
-def embed_query_task(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    return embed_query(
-        get_context(), payload, task_id=self.request.id, retries=self.request.retries or 0
-    )
-
-
-def embed_items_task(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    retries = self.request.retries or 0
-    try:
-        return embed_items(
-            get_context(),
-            payload,
-            store_results=lambda result: send(self.app, TaskName.STORE_EMBEDDINGS, result),
-            task_id=self.request.id,
-            retries=retries,
-            final=retries >= VERSION_RETRIES,
+    def give_up_items(task: Task, request: EmbedItems, deliveries: int) -> dict[str, Any]:
+        reason = poison_reason(deliveries)
+        log.error("%s: reporting %d items failed", reason, len(request.items))
+        return fail_items(
+            resources.get(), request, reason, store_results=store_results, poison=True
         )
-    except VersionNotLoaded as exc:
-        # Back on the queue for a process that holds the version (e.g. during a rolling deploy).
-        raise self.retry(exc=exc, countdown=VERSION_RETRY_S, max_retries=VERSION_RETRIES) from exc
+
+    @policy_task(app, TaskName.EMBED_QUERY, base=EmbedderTask, payload=EmbedQuery)
+    def embed_query_task(task: Task, request: EmbedQuery) -> dict[str, Any]:
+        return embed_query(resources.get(), request)
+
+    @policy_task(
+        app, TaskName.EMBED_ITEMS, base=EmbedderTask, payload=EmbedItems, on_poison=give_up_items
+    )
+    def embed_items_task(task: Task, request: EmbedItems) -> dict[str, Any]:
+        retries = task.request.retries or 0
+        try:
+            return embed_items(
+                resources.get(),
+                request,
+                store_results=store_results,
+                final=retries >= VERSION_RETRIES,
+            )
+        except VersionNotLoaded as exc:
+            # Back on the queue for a process that holds the version (a rolling deploy).
+            raise task.retry(
+                exc=exc, countdown=VERSION_RETRY_S, max_retries=VERSION_RETRIES
+            ) from exc
+
+    return app

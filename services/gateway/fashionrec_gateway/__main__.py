@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 import uvicorn
+from fashionrec_shared.logging_setup import configure_logging, uvicorn_log_config
 
 from fashionrec_gateway.settings import GatewaySettings
 
@@ -27,6 +28,7 @@ def serve(
 ) -> None:
     """Serve the API (uvicorn, factory fashionrec_gateway.app:create_app)."""
     settings = GatewaySettings()  # fail fast on bad configuration, before forking workers
+    configure_logging("gateway", settings.log_level)
     uvicorn.run(
         "fashionrec_gateway.app:create_app",
         factory=True,
@@ -34,6 +36,7 @@ def serve(
         port=port or settings.port,
         workers=workers or settings.workers,
         log_level=settings.log_level.lower(),
+        log_config=uvicorn_log_config("gateway", settings.log_level),
         proxy_headers=True,
     )
 

@@ -10,6 +10,7 @@ import redis
 from anyio import to_thread
 from fashionrec_shared.celery_app import make_celery
 from fashionrec_shared.problems import install_problem_handlers
+from fashionrec_shared.request_id import install_request_id
 from fashionrec_shared.storage import make_blob_store
 from fastapi import FastAPI
 
@@ -75,6 +76,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(MetricsMiddleware)
+    install_request_id(app, "gateway")  # outermost: answers and log lines carry the id
     for module in (search, items, jobs, index, images, health, demo):
         app.include_router(module.router)
     return app

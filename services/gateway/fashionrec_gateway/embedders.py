@@ -1,6 +1,6 @@
 """The embedder processes that are alive, from their heartbeat keys in Redis.
 
-Each embedder process refreshes `fashionrec:embedder:alive:<host>:<pid>` (JSON, TTL 30 s) with
+Each embedder process refreshes its heartbeat key (`fashionrec_shared.keys`; JSON, TTL 30 s) with
 what it serves: model version, dimension, device, loaded versions and, from newer embedders,
 backbone, weights, runtime and precision. A key that vanished or cannot be read is skipped.
 """
@@ -11,12 +11,12 @@ import logging
 from collections.abc import Iterable
 
 import redis
+from fashionrec_shared.keys import EMBEDDER_ALIVE_PATTERN
 from fashionrec_shared.schemas import EmbedderInfo
 from pydantic import ValidationError
 
 log = logging.getLogger("fashionrec.gateway.embedders")
 
-EMBEDDER_ALIVE_PATTERN = "fashionrec:embedder:alive:*"
 SCAN_COUNT = 100
 
 

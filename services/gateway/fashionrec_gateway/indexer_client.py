@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import httpx
 from fashionrec_shared.problems import ProblemError
+from fashionrec_shared.request_id import propagate_request_id
 from fashionrec_shared.schemas import (
     IndexerItem,
     IndexerSearchResponse,
@@ -54,6 +55,8 @@ def check_id(value: str, what: str) -> str:
 class IndexerClient:
     def __init__(self, client: httpx.Client) -> None:
         self.http = client
+        hooks = client.event_hooks
+        client.event_hooks = {**hooks, "request": [*hooks["request"], propagate_request_id]}
 
     @classmethod
     def create(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fashionrec_shared.problems import PROBLEM_JSON, Problem
+from fashionrec_shared.problems import PROBLEM_JSON
+from fashionrec_shared.schemas import Problem
 
 _DESCRIPTIONS = {
     401: "missing or wrong X-API-Key",

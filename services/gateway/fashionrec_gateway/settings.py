@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fashionrec_shared.limits import MAX_IMAGE_PIXELS
 from fashionrec_shared.schemas import MAX_BATCH_ITEMS
 from fashionrec_shared.settings import ServiceSettings
 from pydantic import Field, SecretStr, model_validator
@@ -21,7 +22,7 @@ class GatewaySettings(ServiceSettings):
         default=None, description="base of image URLs; default: the request's base URL"
     )
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
-    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    max_image_pixels: int = Field(default=MAX_IMAGE_PIXELS, gt=0)
     max_batch_items: int = Field(
         default=64, ge=1, le=MAX_BATCH_ITEMS, description="items per POST /v1/items/batch"
     )

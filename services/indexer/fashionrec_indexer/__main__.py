@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from fashionrec_shared.logging_setup import configure_logging, uvicorn_log_config
 from fashionrec_shared.tasks import Queue
 
 from fashionrec_indexer.settings import IndexerSettings
@@ -17,9 +17,7 @@ cli = typer.Typer(help="fashionrec indexer: inventory database, index builds and
 
 def _settings() -> IndexerSettings:
     settings = IndexerSettings()  # type: ignore[call-arg]
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging("indexer", settings.log_level)
     return settings
 
 
@@ -50,6 +48,7 @@ def serve(
         host=host or settings.host,
         port=port or settings.port,
         log_level=settings.log_level.lower(),
+        log_config=uvicorn_log_config("indexer", settings.log_level),
     )
 
 
@@ -129,16 +128,12 @@ def evaluate(
     ] = None,
 ) -> None:
     """Measure the live index: Annoy recall@k against exact search, and query latency."""
+    from fashionrec_shared.files import write_json
     from fashionrec_shared.storage import make_blob_store
     from rich.console import Console
 
     from fashionrec_indexer.db import make_engine
-    from fashionrec_indexer.index_eval import (
-        NoIndexBuild,
-        evaluate_index,
-        render_table,
-        write_json,
-    )
+    from fashionrec_indexer.index_eval import NoIndexBuild, evaluate_index, render_table
 
     settings = _settings()
     engine = make_engine(settings.database_url, pool_size=1)

@@ -7,7 +7,7 @@ import logging
 import shutil
 import tempfile
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,24 +15,20 @@ from typing import Any
 
 import numpy as np
 from annoy import AnnoyIndex
+from fashionrec_shared.files import file_sha256
+from fashionrec_shared.limits import SETTLE_S
+from fashionrec_shared.progress import progress_bar
 from fashionrec_shared.storage import BlobStore
 from fashionrec_shared.vectors import DTYPE
 from sqlalchemy import Engine
 
 from fashionrec_indexer import repository as repo
-from fashionrec_indexer.index_files import (
-    DATA_FILES,
-    METRIC,
-    PROJECTION_FILE,
-    file_sha256,
-    publish,
-)
+from fashionrec_indexer.index_files import PROJECTION_FILE, publish
+from fashionrec_indexer.manifest import DATA_FILES, METRIC, IndexManifest
 from fashionrec_indexer.settings import ANN_DIM, ANN_PROJECTION, N_TREES
 
 log = logging.getLogger("fashionrec.indexer.builder")
 
-# Writers' transactions are far shorter than this; see repository.settled_change_seq.
-SETTLE_S = 30.0
 # Rows an uncentred PCA is fitted on (a 2048² Gram matrix of these: ~1-2 s) and rows projected
 # per step while adding items to Annoy (bounds the extra memory).
 PCA_SAMPLE = 8192
@@ -43,7 +39,12 @@ CHUNK = 4096
 class BuildResult:
     status: str  # "ready" | "skipped"
     detail: str
-    manifest: dict[str, Any] | None = None
+    index: IndexManifest | None = None  # the build's manifest, when one was built
+
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        """The manifest as published (JSON), for task results and the CLI."""
+        return self.index.to_json() if self.index is not None else None
 
 
 @contextmanager
@@ -90,13 +91,13 @@ def build_index(
             if dim is None:
                 return BuildResult("skipped", f"no embeddings of model {target} stored")
             model_version = target
-            last = repo.latest_ready_build(conn)
+            last = repo.latest_ready_manifest(conn)
             newest = repo.max_change_seq(conn)
             if (
                 not force
                 and last is not None
                 and last.model_version == model_version
-                and (last.manifest or {}).get("seen_change_seq") == newest
+                and last.seen_change_seq == newest
             ):
                 return BuildResult("skipped", "nothing changed since the last build")
             build_id = uuid.uuid4()
@@ -116,7 +117,7 @@ def build_index(
                     tmp, vectors, n_trees, ann_dim, ann_projection, progress=bar
                 ),
             )
-            manifest["reason"] = reason
+            manifest = manifest.model_copy(update={"reason": reason})
             publish(store, tmp, manifest)
             with engine.begin() as conn:
                 repo.finish_build(conn, build_id, manifest)
@@ -126,29 +127,8 @@ def build_index(
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("index build %s ready: %d items (%s)", build_id, manifest["item_count"], reason)
-    return BuildResult("ready", f"built {manifest['item_count']} items", manifest)
-
-
-def _progress(enabled: bool):  # type: ignore[no-untyped-def]
-    if not enabled:
-        return nullcontext(None)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
+    log.info("index build %s ready: %d items (%s)", build_id, manifest.item_count, reason)
+    return BuildResult("ready", f"built {manifest.item_count} items", manifest)
 
 
 def fit_projection(vectors: np.ndarray, ann_dim: int, kind: str, seed: int = 0) -> np.ndarray:
@@ -221,7 +201,7 @@ def _write_build(
     settle_s: float,
     progress: bool,
     make_ann: Any,
-) -> dict[str, Any]:
+) -> IndexManifest:
     ids: list[str] = []
     categories: list[str | None] = []
     predicted_categories: list[str | None] = []
@@ -236,8 +216,8 @@ def _write_build(
         vectors = np.lib.format.open_memmap(
             out / "vectors.npy", mode="w+", dtype=np.float32, shape=(count, dim)
         )
-        with _progress(progress) as bar:
-            task = bar.add_task("reading vectors", total=count) if bar else None
+        with progress_bar(progress) as bar:
+            task = bar.add_task("reading vectors", total=count)
             for i, row in enumerate(repo.build_rows(conn, model_version, dim)):
                 vector = np.frombuffer(row.vector, dtype=DTYPE).astype(np.float32)
                 norm = float(np.linalg.norm(vector))
@@ -246,10 +226,9 @@ def _write_build(
                 categories.append(row.category)
                 predicted_categories.append(row.predicted_category)
                 prices.append(row.price)
-                if bar and i % 256 == 0:
+                if i % 256 == 0:
                     bar.update(task, completed=i + 1)
-            if bar:
-                bar.update(task, completed=count)
+            bar.update(task, completed=count)
             vectors.flush()
             ann = make_ann(vectors, bar)
     del vectors
@@ -263,15 +242,15 @@ def _write_build(
             }
         )
     )
-    return {
-        "build_id": build_id,
-        "item_count": len(ids),
-        "dim": dim,
-        "model_version": model_version,
-        "metric": METRIC,
+    return IndexManifest(
+        build_id=build_id,
+        item_count=len(ids),
+        dim=dim,
+        model_version=model_version,
+        metric=METRIC,
         **ann,
-        "checksums": {name: file_sha256(out / name) for name in ann["files"]},
-        "max_change_seq": settled_seq,
-        "seen_change_seq": seen_seq,
-        "created_at": datetime.now(UTC).isoformat(),
-    }
+        checksums={name: file_sha256(out / name) for name in ann["files"]},
+        max_change_seq=settled_seq,
+        seen_change_seq=seen_seq,
+        created_at=datetime.now(UTC),
+    )

@@ -15,7 +15,6 @@ a partial sort).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -110,14 +109,14 @@ def evaluate_build(
     manifest = build.manifest
     return {
         "build_id": build.build_id,
-        "model_version": manifest.get("model_version"),
-        "built_at": manifest.get("created_at"),
+        "model_version": manifest.model_version,
+        "built_at": manifest.created_at.isoformat(),
         "items": build.size,
         "dim": build.dim,
-        "n_trees": manifest.get("n_trees"),
+        "n_trees": manifest.n_trees,
         "search_k": search_k,
         "candidates": candidates,
-        "ann_dim": manifest.get("ann_dim", build.dim),
+        "ann_dim": manifest.ann_dim,
         "k": k_eff,
         "samples": len(positions),
         "seed": seed,
@@ -151,12 +150,6 @@ def evaluate_index(
     )
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
-
-
-def write_json(result: dict[str, Any], path: Path | str) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def render_table(result: dict[str, Any], console: Any = None) -> None:

@@ -5,27 +5,27 @@ index.ann (Annoy, angular), vectors.npy (L2-normalised float32 NxD, for exact re
 exact fallback), items.json (ids, categories, the build model's predicted categories and prices
 in Annoy order, for filtering without SQL; builds older than predictions have no
 predicted_categories: all None)
-and manifest.json (sizes, model version, sha256 of every file, max_change_seq). When the trees
-are built over a lower-dimensional projection (manifest "ann_dim" < "dim"), projection.npy holds
-the (dim, ann_dim) float32 matrix that maps a query into the trees' space.
+and manifest.json (an `IndexManifest`: sizes, model version, sha256 of every file,
+max_change_seq). When the trees are built over a lower-dimensional projection (manifest
+`ann_dim` < `dim`), projection.npy holds the (dim, ann_dim) float32 matrix that maps a query into
+the trees' space.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from annoy import AnnoyIndex
+from fashionrec_shared.files import file_sha256
 from fashionrec_shared.storage import BlobStore
 
-METRIC = "angular"
-DATA_FILES = ("index.ann", "vectors.npy", "items.json")
+from fashionrec_indexer.manifest import IndexManifest
+
 PROJECTION_FILE = "projection.npy"
 MANIFEST = "manifest.json"
 
@@ -34,24 +34,15 @@ class IndexCorrupt(RuntimeError):
     """A downloaded file does not match the manifest checksum."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def object_key(build_id: str, name: str) -> str:
     return f"indexes/{build_id}/{name}"
 
 
-def publish(store: BlobStore, build_dir: Path, manifest: dict[str, Any]) -> None:
+def publish(store: BlobStore, build_dir: Path, manifest: IndexManifest) -> None:
     """Upload the data files first and the manifest last: a manifest means a complete build."""
-    build_id = manifest["build_id"]
-    for name in manifest.get("files", DATA_FILES):
-        store.upload_file(object_key(build_id, name), build_dir / name)
-    store.put(object_key(build_id, MANIFEST), json.dumps(manifest, indent=2).encode())
+    for name in manifest.files:
+        store.upload_file(object_key(manifest.build_id, name), build_dir / name)
+    store.put(object_key(manifest.build_id, MANIFEST), manifest.dumps().encode())
 
 
 @dataclass(frozen=True)
@@ -59,7 +50,7 @@ class LoadedIndex:
     """One build's files opened read-only (Annoy and numpy both mmap, so loads are cheap)."""
 
     build_id: str
-    manifest: dict[str, Any]
+    manifest: IndexManifest
     annoy: AnnoyIndex | None
     vectors: np.ndarray  # (N, D) float32, L2-normalised
     ids: list[uuid.UUID]
@@ -72,7 +63,7 @@ class LoadedIndex:
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["dim"])
+        return self.manifest.dim
 
     def ann_vector(self, query: np.ndarray) -> np.ndarray:
         """The (normalised, full-dimension) query in the space the Annoy trees were built in."""
@@ -83,27 +74,27 @@ class LoadedIndex:
         return len(self.ids)
 
 
-def _verified(directory: Path, manifest: dict[str, Any]) -> bool:
+def _verified(directory: Path, manifest: IndexManifest) -> bool:
     return all(
         (directory / name).is_file() and file_sha256(directory / name) == checksum
-        for name, checksum in manifest["checksums"].items()
+        for name, checksum in manifest.checksums.items()
     )
 
 
 def fetch(store: BlobStore, build_id: str, cache_dir: Path) -> Path:
     """Download a build into cache_dir/{build_id}/ unless a verified copy is already there."""
     directory = cache_dir / build_id
-    manifest = json.loads(store.get(object_key(build_id, MANIFEST)))
+    manifest = IndexManifest.from_json(store.get(object_key(build_id, MANIFEST)))
     if directory.is_dir() and _verified(directory, manifest):
         return directory
     staging = cache_dir / f".{build_id}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
-        for name in manifest["checksums"]:
+        for name in manifest.checksums:
             store.download_file(object_key(build_id, name), staging / name)
         if not _verified(staging, manifest):
             raise IndexCorrupt(f"index build {build_id}: checksum mismatch after download")
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (staging / MANIFEST).write_text(manifest.dumps())
         shutil.rmtree(directory, ignore_errors=True)
         staging.rename(directory)
     finally:
@@ -112,15 +103,13 @@ def fetch(store: BlobStore, build_id: str, cache_dir: Path) -> Path:
 
 
 def open_build(directory: Path) -> LoadedIndex:
-    manifest = json.loads((directory / MANIFEST).read_text())
-    dim = int(manifest["dim"])
-    ann_dim = int(manifest.get("ann_dim") or dim)
+    manifest = IndexManifest.from_json((directory / MANIFEST).read_bytes())
     projection = None
-    if ann_dim != dim:
+    if manifest.ann_dim != manifest.dim:
         projection = np.ascontiguousarray(np.load(directory / PROJECTION_FILE), dtype=np.float32)
     annoy: AnnoyIndex | None = None
-    if manifest["item_count"] > 0:
-        annoy = AnnoyIndex(ann_dim, METRIC)
+    if manifest.item_count > 0:
+        annoy = AnnoyIndex(manifest.ann_dim, manifest.metric)
         annoy.load(str(directory / "index.ann"))  # mmap, read-only
     vectors = np.load(directory / "vectors.npy", mmap_mode="r")
     meta = json.loads((directory / "items.json").read_text())
@@ -128,7 +117,7 @@ def open_build(directory: Path) -> LoadedIndex:
     ids = [uuid.UUID(i) for i in meta["ids"]]
     predicted = meta.get("predicted_categories") or [None] * len(ids)
     return LoadedIndex(
-        build_id=manifest["build_id"],
+        build_id=manifest.build_id,
         manifest=manifest,
         annoy=annoy,
         vectors=vectors,

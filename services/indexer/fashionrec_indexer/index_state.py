@@ -165,7 +165,39 @@ class Snapshot:
 
     @property
     def build_model_version(self) -> str | None:
-        return self.build.manifest["model_version"] if self.build else None
+        return self.build.manifest.model_version if self.build else None
+
+    def view(self, conn: Connection) -> SnapshotView:
+        """The snapshot with its delta refreshed now: what one request reads."""
+        return SnapshotView(self, self.delta.refresh(conn))
+
+
+@dataclass(frozen=True)
+class SnapshotView:
+    """A snapshot and its delta as one request saw them (both immutable)."""
+
+    snapshot: Snapshot
+    delta: DeltaView
+
+    @property
+    def build(self) -> LoadedIndex | None:
+        return self.snapshot.build
+
+    @property
+    def index_version(self) -> str | None:
+        return self.snapshot.index_version
+
+    @property
+    def model_version(self) -> str | None:
+        """The version queries are answered with: the build's; before the first build the
+        delta's (the newest embedding's)."""
+        if self.build is not None:
+            return self.build.manifest.model_version
+        return self.delta.model_version
+
+    @property
+    def dim(self) -> int | None:
+        return self.build.dim if self.build is not None else self.delta.dim
 
 
 class IndexState:
@@ -213,8 +245,8 @@ class IndexState:
             return Snapshot(None, Delta(0, None, None, {}, self.settle_s))
         build = open_build(fetch(self.store, build_id, self.cache_dir))
         delta = Delta(
-            int(build.manifest["max_change_seq"]),
-            build.manifest["model_version"],
+            build.manifest.max_change_seq,
+            build.manifest.model_version,
             build.dim,
             build.positions,
             self.settle_s,

@@ -145,6 +145,5 @@ def give_up(engine: Engine, payload: StoreEmbeddings, reason: str) -> Plan | Non
 
 def changed_since_last_build(engine: Engine) -> int:
     with engine.connect() as conn:
-        last = repo.latest_ready_build(conn)
-        since = int((last.manifest or {}).get("seen_change_seq", 0)) if last else 0
-        return repo.count_changed_since(conn, since)
+        last = repo.latest_ready_manifest(conn)
+        return repo.count_changed_since(conn, last.seen_change_seq if last else 0)

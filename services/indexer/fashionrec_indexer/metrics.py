@@ -13,7 +13,6 @@ class Metrics:
     search_latency: Histogram
     search_fallbacks: Counter
     items_in_index: Gauge
-    delta_items: Gauge
 
 
 def make_metrics() -> Metrics:
@@ -35,11 +34,6 @@ def make_metrics() -> Metrics:
         items_in_index=Gauge(
             "fashionrec_indexer_items_in_index",
             "Items in the loaded index build",
-            registry=registry,
-        ),
-        delta_items=Gauge(
-            "fashionrec_indexer_delta_items",
-            "Items changed since the loaded build (searched exactly)",
             registry=registry,
         ),
     )

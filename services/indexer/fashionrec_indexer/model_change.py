@@ -41,6 +41,34 @@ class Plan:
     build: BuildIndex | None = None
 
 
+@dataclass(frozen=True)
+class PendingChange:
+    """A model change under way: the version coming and the job re-embedding the inventory."""
+
+    model_version: str
+    job_id: uuid.UUID
+
+
+def pending_change(conn: Connection, served_version: str | None) -> PendingChange | None:
+    """The change pending from its job's start until its build is swapped in (a later return
+    to an older model has no job and does not count as pending)."""
+    job = repo.latest_reembed_job(conn)
+    if (
+        job is None
+        or job.model_version == served_version
+        or repo.ready_build_since(conn, job.model_version, job.created_at)
+    ):
+        return None
+    return PendingChange(job.model_version, job.id)
+
+
+def coming_version(conn: Connection) -> str | None:
+    """The version being re-embedded now, if any: an item added or re-imaged meanwhile needs
+    a vector of it too before it counts as indexed."""
+    job = repo.open_reembed_job(conn)
+    return job.model_version if job is not None else None
+
+
 def embed_batches(job_id: uuid.UUID, model_version: str, rows: list[Row]) -> list[EmbedItems]:
     items = [
         EmbedItem(item_id=str(r.id), image=ImageRef(key=r.image_key, sha256=r.image_sha256))

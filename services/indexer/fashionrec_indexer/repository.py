@@ -23,6 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert
 
+from fashionrec_indexer.manifest import IndexManifest
 from fashionrec_indexer.schema import change_seq, embeddings, index_builds, items, job_items, jobs
 
 MAX_JOB_ERRORS = 100
@@ -48,6 +49,12 @@ def latest_ready_build(conn: Connection) -> Row | None:
         .order_by(index_builds.c.finished_at.desc())
         .limit(1)
     ).first()
+
+
+def latest_ready_manifest(conn: Connection) -> IndexManifest | None:
+    """The manifest of the latest ready build (what a build is compared with)."""
+    build = latest_ready_build(conn)
+    return IndexManifest.from_json(build.manifest) if build is not None else None
 
 
 def latest_embedding_model(
@@ -93,16 +100,16 @@ def insert_build(conn: Connection, build_id: uuid.UUID, model_version: str) -> N
     )
 
 
-def finish_build(conn: Connection, build_id: uuid.UUID, manifest: dict[str, Any]) -> None:
+def finish_build(conn: Connection, build_id: uuid.UUID, manifest: IndexManifest) -> None:
     conn.execute(
         update(index_builds)
         .where(index_builds.c.id == build_id)
         .values(
             status="ready",
-            item_count=manifest["item_count"],
-            dim=manifest["dim"],
-            max_change_seq=manifest["max_change_seq"],
-            manifest=manifest,
+            item_count=manifest.item_count,
+            dim=manifest.dim,
+            max_change_seq=manifest.max_change_seq,
+            manifest=manifest.to_json(),
             finished_at=func.clock_timestamp(),
         )
     )
@@ -308,18 +315,6 @@ def hits_metadata(
         .where(items.c.id.in_(list(item_ids)), items.c.deleted_at.is_(None))
     )
     return {row.id: row for row in rows}
-
-
-def count_searchable(conn: Connection, model_version: str | None) -> int:
-    if model_version is None:
-        return 0
-    return int(
-        conn.execute(
-            select(func.count())
-            .select_from(items.join(embeddings, embeddings.c.image_sha256 == items.c.image_sha256))
-            .where(items.c.deleted_at.is_(None), embeddings.c.model_version == model_version)
-        ).scalar_one()
-    )
 
 
 def _searchable(model_version: str, dim: int) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from fashionrec_shared.schemas import SearchFilters
@@ -25,6 +25,23 @@ from fashionrec_indexer.settings import ANN_CANDIDATES, SEARCH_K
 # Below this share of eligible build items Annoy mostly returns filtered-out ones: scan exactly.
 EXACT_BELOW_FRACTION = 0.2
 OVERFETCH = 4
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One top-k query: what to look for, which items may answer, and how hard Annoy tries.
+
+    `query` must be L2-normalised (full dimension). `candidates`: Annoy answers re-scored
+    exactly (at least; more when filters or the delta mask out part of the build). `search_k`:
+    Annoy's; -1 = candidates x n_trees.
+    """
+
+    query: np.ndarray
+    k: int
+    filters: SearchFilters = field(default_factory=SearchFilters)
+    exclude: Collection[uuid.UUID] = ()
+    search_k: int = SEARCH_K
+    candidates: int = ANN_CANDIDATES
 
 
 @dataclass(frozen=True)
@@ -146,23 +163,12 @@ def _search_delta(
 
 
 def search(
-    build: LoadedIndex | None,
-    delta: DeltaView,
-    query: np.ndarray,
-    k: int,
-    filters: SearchFilters | None = None,
-    exclude: Collection[uuid.UUID] = (),
-    search_k: int = SEARCH_K,
-    candidates: int = ANN_CANDIDATES,
+    build: LoadedIndex | None, delta: DeltaView, request: SearchRequest
 ) -> tuple[list[tuple[uuid.UUID, float]], SearchStats]:
-    """(item_id, cosine) of the k best eligible items, best first; `query` must be normalised.
-
-    `candidates`: Annoy answers re-scored exactly (at least; more when filters or the delta
-    mask out part of the build). `search_k`: Annoy's; -1 = candidates x n_trees.
-    """
-    filters = filters or SearchFilters()
-    query = np.ascontiguousarray(query, dtype=np.float32)
-    excluded = set(exclude)
+    """(item_id, cosine) of the k best eligible items of the build and the delta, best first."""
+    filters, k = request.filters, request.k
+    query = np.ascontiguousarray(request.query, dtype=np.float32)
+    excluded = set(request.exclude)
     hits: list[tuple[uuid.UUID, float]] = []
     stats = SearchStats()
     if build is not None and build.size:
@@ -172,7 +178,7 @@ def search(
             position = build.positions.get(item_id)
             if position is not None:
                 mask[position] = False
-        hits, stats = _search_build(build, query, k, mask, search_k, candidates)
+        hits, stats = _search_build(build, query, k, mask, request.search_k, request.candidates)
     if delta.ids:
         hits.extend(_search_delta(delta, query, k, filters, excluded))
     hits.sort(key=lambda hit: -hit[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from fashionrec_shared.limits import SETTLE_S
 from fashionrec_shared.settings import ServiceSettings
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -64,7 +65,7 @@ class IndexerSettings(ServiceSettings):
     rebuild_interval_s: float = Field(default=600, gt=0)
     refresh_interval_s: float = Field(default=1.0, gt=0)
     # How long a writer's transaction may take to commit; see repository.settled_change_seq.
-    settle_s: float = Field(default=30.0, ge=0)
+    settle_s: float = Field(default=SETTLE_S, ge=0)
 
     @field_validator("database_url")
     @classmethod

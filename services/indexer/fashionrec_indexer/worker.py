@@ -1,29 +1,21 @@
 """Celery app of the indexer worker: STORE_EMBEDDINGS, BUILD_INDEX, MODEL_ONLINE, timed rebuilds.
 
-Resources (engine, Redis, blob store) are created per process: in `worker_process_init` for
-prefork children, else lazily on first use, never at import (a forked child must not share the
-parent's connections).
+`create_worker_app(settings)` builds the app; its tasks close over this process's `Resources`
+(engine, Redis, blob store), opened after the fork in `worker_process_init` (else on first use),
+never at import (a forked child must not share the parent's connections). The task policy, the
+poison-message guard included, is `fashionrec_shared.task_base.PolicyTask`.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.signals import worker_process_init
-from fashionrec_shared.celery_app import (
-    HARD_TIME_LIMIT,
-    MAX_DELIVERIES,
-    SOFT_TIME_LIMIT,
-    delivery_count,
-    make_celery,
-    send,
-)
+from fashionrec_shared.celery_app import make_celery, send
 from fashionrec_shared.storage import BlobStore, StorageUnavailable, make_blob_store
+from fashionrec_shared.task_base import PolicyTask, ProcessResources, poison_reason, policy_task
 from fashionrec_shared.tasks import BuildIndex, ModelOnline, Queue, StoreEmbeddings, TaskName
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -36,22 +28,22 @@ from fashionrec_indexer.ingest import give_up, store_embeddings
 from fashionrec_indexer.model_change import Plan, model_online
 from fashionrec_indexer.settings import IndexerSettings
 
-log = logging.getLogger("fashionrec.indexer.worker")
 
-TRANSIENT = (StorageUnavailable, RedisConnectionError, KombuOperationalError, OperationalError)
-TASK_OPTIONS: dict[str, Any] = {
-    "bind": True,
-    # The tasks are closures over this app's resources: never register them in other apps
-    # (Celery's default), or a second app in one process would run the first one's.
-    "shared": False,
-    "acks_late": True,
-    "reject_on_worker_lost": True,
-    "autoretry_for": TRANSIENT,
-    "retry_backoff": True,
-    "max_retries": 3,
-    "soft_time_limit": SOFT_TIME_LIMIT,
-    "time_limit": HARD_TIME_LIMIT,
-}
+class IndexerTask(PolicyTask):
+    """The indexer's tasks: retried on storage, broker and database connection errors."""
+
+    autoretry_for = (
+        StorageUnavailable,
+        RedisConnectionError,
+        KombuOperationalError,
+        OperationalError,
+    )
+
+    def on_poison(self, payload: Any, deliveries: int) -> dict[str, Any]:
+        # Builds and announcements have no items to fail: the message ends as a result.
+        return {"status": "poison"}
+
+
 # Many STORE_EMBEDDINGS crossing the threshold at once should request one build, not hundreds.
 BUILD_REQUESTED_KEY = "fashionrec:indexer:build-requested"
 BUILD_REQUEST_TTL_S = 60
@@ -79,41 +71,43 @@ def send_plan(app: Celery, client: redis.Redis, plan: Plan | None) -> dict[str, 
     }
 
 
-class Resources:
+class Resources(ProcessResources):
     """Engine, Redis client and blob store of the current process."""
 
     def __init__(self, settings: IndexerSettings) -> None:
+        super().__init__()
         self.settings = settings
-        self._pid: int | None = None
         self._engine: Engine | None = None
         self._redis: redis.Redis | None = None
         self._store: BlobStore | None = None
 
-    def init_process(self) -> None:
+    def open(self) -> None:
         self._engine = make_engine(self.settings.database_url, pool_size=2)
         self._redis = redis.Redis.from_url(self.settings.broker.url)
         self._store = make_blob_store(self.settings.storage)
-        self._pid = os.getpid()
 
-    def _ensure(self) -> None:
-        if self._pid != os.getpid():
-            self.init_process()
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+        if self._redis is not None:
+            self._redis.close()
+        self._engine = self._redis = self._store = None
 
     @property
     def engine(self) -> Engine:
-        self._ensure()
+        self.ensure()
         assert self._engine is not None
         return self._engine
 
     @property
     def redis(self) -> redis.Redis:
-        self._ensure()
+        self.ensure()
         assert self._redis is not None
         return self._redis
 
     @property
     def store(self) -> BlobStore:
-        self._ensure()
+        self.ensure()
         assert self._store is not None
         return self._store
 
@@ -132,20 +126,21 @@ def create_worker_app(settings: IndexerSettings) -> Celery:
     }
     app.conf.beat_schedule_filename = str(Path(settings.index_dir) / "celerybeat-schedule")
 
-    @worker_process_init.connect(weak=False)
-    def _init_process(**_: Any) -> None:
-        resources.init_process()
+    resources.serve(app)
 
-    @app.task(name=str(TaskName.STORE_EMBEDDINGS), **TASK_OPTIONS)
-    def store_embeddings_task(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-        data = StoreEmbeddings.model_validate(payload)
-        deliveries = delivery_count(resources.redis, self.request.id)
-        if deliveries > MAX_DELIVERIES:
-            log.error(
-                "store_embeddings %s: poison after %d deliveries", self.request.id, deliveries
-            )
-            plan = give_up(resources.engine, data, f"gave up after {deliveries - 1} deliveries")
-            return {"status": "poison", **send_plan(app, resources.redis, plan)}
+    def give_up_store(task: Task, data: StoreEmbeddings, deliveries: int) -> dict[str, Any]:
+        # The items of a poison message end as failed (a re-embed job's only in the job).
+        plan = give_up(resources.engine, data, poison_reason(deliveries))
+        return {"status": "poison", **send_plan(app, resources.redis, plan)}
+
+    @policy_task(
+        app,
+        TaskName.STORE_EMBEDDINGS,
+        base=IndexerTask,
+        payload=StoreEmbeddings,
+        on_poison=give_up_store,
+    )
+    def store_embeddings_task(task: Task, data: StoreEmbeddings) -> dict[str, Any]:
         outcome = store_embeddings(resources.engine, data)
         if outcome.plan is not None:  # a re-embed job (model change)
             return {"status": "ok", **send_plan(app, resources.redis, outcome.plan)}
@@ -162,13 +157,8 @@ def create_worker_app(settings: IndexerSettings) -> Celery:
             "build_requested": build_requested,
         }
 
-    @app.task(name=str(TaskName.BUILD_INDEX), **TASK_OPTIONS)
-    def build_index_task(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-        data = BuildIndex.model_validate(payload)
-        deliveries = delivery_count(resources.redis, self.request.id)
-        if deliveries > MAX_DELIVERIES:
-            log.error("build_index %s: poison after %d deliveries", self.request.id, deliveries)
-            return {"status": "poison"}
+    @policy_task(app, TaskName.BUILD_INDEX, base=IndexerTask, payload=BuildIndex)
+    def build_index_task(task: Task, data: BuildIndex) -> dict[str, Any]:
         result = build_index(
             resources.engine,
             resources.store,
@@ -183,13 +173,8 @@ def create_worker_app(settings: IndexerSettings) -> Celery:
         build_id = result.manifest["build_id"] if result.manifest else None
         return {"status": result.status, "detail": result.detail, "build_id": build_id}
 
-    @app.task(name=str(TaskName.MODEL_ONLINE), **TASK_OPTIONS)
-    def model_online_task(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-        data = ModelOnline.model_validate(payload)
-        deliveries = delivery_count(resources.redis, self.request.id)
-        if deliveries > MAX_DELIVERIES:
-            log.error("model_online %s: poison after %d deliveries", self.request.id, deliveries)
-            return {"status": "poison"}
+    @policy_task(app, TaskName.MODEL_ONLINE, base=IndexerTask, payload=ModelOnline)
+    def model_online_task(task: Task, data: ModelOnline) -> dict[str, Any]:
         plan = model_online(resources.engine, data)
         return {"status": "ok", **send_plan(app, resources.redis, plan)}
 

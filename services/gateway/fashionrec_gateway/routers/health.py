@@ -6,13 +6,14 @@ import logging
 from typing import Any
 
 import redis
+from fashionrec_shared.keys import EMBEDDER_ALIVE_PATTERN
 from fashionrec_shared.problems import ProblemError, problem_response
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from fashionrec_gateway.deps import BlobStoreDep, IndexerDep, RedisDep
-from fashionrec_gateway.embedders import EMBEDDER_ALIVE_PATTERN, alive_keys
+from fashionrec_gateway.embedders import alive_keys
 from fashionrec_gateway.responses import problems
 
 router = APIRouter(tags=["health"])
