@@ -20,6 +20,7 @@ from fashionrec_embedder.predictions import decode_predictions
 from fashionrec_embedder.settings import EmbedderSettings
 from fashionrec_embedder.training.run import TrainOptions, train
 from fashionrec_embedder.weights import WeightsError, parse_weights, random_backbone
+from PIL import Image
 
 from .conftest import pattern_image
 
@@ -189,6 +190,19 @@ def test_training_from_the_packaged_body_beats_the_majority_class(tmp_path: Path
     assert final["category_accuracy"] > majority + 0.2, (final, majority)
     assert result.config["backbone"] == "efficientnet-lite0"
     assert result.config["training"]["weights"] == "imagenet"
+    # The served model names the categories it predicts right: the head's output order is the
+    # config's class order (DeepFashion's list is not alphabetical; fastai sorts by default).
+    classes = list(result.data.heads()[0].classes)
+    assert classes != sorted(classes)
+    served = Embedder(_settings(tmp_path / "cache", weights=str(tmp_path / "model")))
+    served.load()
+    right = 0
+    for sample in val:
+        with Image.open(sample.image) as img:
+            predicted = served.embed_image(img.convert("RGB")).predicted
+        assert predicted is not None and predicted.category is not None
+        right += predicted.category.label == sample.category
+    assert abs(right / len(val) - final["category_accuracy"]) < 0.1, (right, len(val), final)
 
 
 def test_worker_tasks_carry_a_trained_models_predictions(

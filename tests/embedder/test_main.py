@@ -20,7 +20,7 @@ OPTION_ENV = ("WEIGHTS", "DEVICE", "CONCURRENCY", "IMAGE_SIZE", "CACHE_DIR")
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # The commands write their options into os.environ; monkeypatch restores it afterwards.
+    # Settings come from the environment: start each test from a known one.
     for name in OPTION_ENV:
         monkeypatch.setenv(f"FASHIONREC_EMBEDDER_{name}", "")
         monkeypatch.delenv(f"FASHIONREC_EMBEDDER_{name}")

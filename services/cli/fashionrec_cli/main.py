@@ -58,7 +58,7 @@ def up(
         typer.Option(
             help="efficientnet-lite0|1|2 (ImageNet weights packaged, work offline) or resnet50 "
             "(the paper's; ImageNet weights downloaded once) (default: "
-            "FASHIONREC_EMBEDDER_BACKBONE, else efficientnet-lite2)"
+            "FASHIONREC_EMBEDDER_BACKBONE, else efficientnet-lite0)"
         ),
     ] = None,
     embedders: Annotated[int, typer.Option(min=1, help="embedder worker processes")] = 1,

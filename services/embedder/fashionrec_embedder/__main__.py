@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -25,17 +24,10 @@ BackboneOpt = Annotated[
     str | None,
     typer.Option(
         help="efficientnet-lite0|1|2 (ImageNet weights packaged: work offline; the default is "
-        "efficientnet-lite2) | resnet50 (the paper's; ImageNet weights downloaded once)"
+        "efficientnet-lite0) | resnet50 (the paper's; ImageNet weights downloaded once)"
     ),
 ]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto | cpu | cuda")]
-
-
-def _apply_options(**options: object) -> None:
-    # Options override the environment; worker processes read their settings from it after fork.
-    for name, value in options.items():
-        if value is not None:
-            os.environ[f"FASHIONREC_EMBEDDER_{name.upper()}"] = str(value)
 
 
 def _settings(**options: object):  # type: ignore[no-untyped-def]
@@ -120,8 +112,7 @@ def embed(
     from fashionrec_embedder.preprocess import ImageDecodeError, decode_image
     from fashionrec_embedder.weights import WeightsError
 
-    _apply_options(weights=weights, backbone=backbone, device=device)
-    settings = _settings()
+    settings = _settings(weights=weights, backbone=backbone, device=device)
     _setup_logging(settings.log_level)
     try:
         model = Embedder(settings)
@@ -234,7 +225,7 @@ def train(
         int | None, typer.Option(min=32, max=1024, help="input side (px; default: the backbone's)")
     ] = None,
     backbone: Annotated[
-        str | None, typer.Option(help="efficientnet-lite0|1|2 (default lite2) | resnet50")
+        str | None, typer.Option(help="efficientnet-lite0|1|2 (default lite0) | resnet50")
     ] = None,
     weights: Annotated[
         str,

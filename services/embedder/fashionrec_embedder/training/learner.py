@@ -67,7 +67,8 @@ def build_dataloaders(
     heads = data.heads()
     items = data.split("train") + data.split("val")
     valid_idx = list(range(len(data.split("train")), len(items)))
-    blocks = [ImageBlock, CategoryBlock(vocab=list(heads[0].classes))]
+    # sort=False: the head's outputs must follow the class order the exported config lists.
+    blocks = [ImageBlock, CategoryBlock(vocab=list(heads[0].classes), sort=False)]
     blocks += [MultiCategoryBlock(vocab=list(h.classes)) for h in heads[1:]]
     getters = [operator.attrgetter("image"), operator.attrgetter("category")]
     getters += [_Attributes(h.name) for h in heads[1:]]
