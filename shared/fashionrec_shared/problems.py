@@ -8,6 +8,7 @@ Needs the `http` extra (FastAPI).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,18 +23,34 @@ log = logging.getLogger("fashionrec.problems")
 
 
 class ProblemError(Exception):
-    """Raise from handlers to answer with a problem document."""
+    """Raise from handlers to answer with a problem document; `headers` go on the answer
+    (e.g. Retry-After), `extra` into the document."""
 
-    def __init__(self, status: int, title: str, detail: str | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(detail or title)
         self.status = status
         self.title = title
         self.detail = detail
+        self.headers = dict(headers or {})
         self.extra = extra
 
 
 def problem_response(
-    status: int, title: str, detail: str | None = None, request: Request | None = None, **extra: Any
+    status: int,
+    title: str,
+    detail: str | None = None,
+    request: Request | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
 ) -> JSONResponse:
     body = Problem(
         title=title,
@@ -42,7 +59,7 @@ def problem_response(
         instance=str(request.url.path) if request is not None else None,
     ).model_dump(exclude_none=True)
     body.update(extra)
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
 _TITLES = {
@@ -54,6 +71,7 @@ _TITLES = {
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    429: "Too Many Requests",
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
@@ -70,13 +88,15 @@ def _describe_validation(errors: list[dict[str, Any]]) -> str:
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
-        return problem_response(exc.status, exc.title, exc.detail, request, **exc.extra)
+        return problem_response(
+            exc.status, exc.title, exc.detail, request, headers=exc.headers, **exc.extra
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         title = _TITLES.get(exc.status_code, "Error")
         detail = exc.detail if isinstance(exc.detail, str) else None
-        return problem_response(exc.status_code, title, detail, request)
+        return problem_response(exc.status_code, title, detail, request, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

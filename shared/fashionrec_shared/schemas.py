@@ -6,10 +6,14 @@ instead of URLs (only the gateway knows how images are served).
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from fashionrec_shared.tasks import ImageRef, Predicted
 
@@ -21,24 +25,94 @@ MAX_K = 50
 MAX_BATCH_ITEMS = 256
 
 
+# ---- values Postgres can store -------------------------------------------------------------
+# Postgres text and JSONB hold no U+0000, UTF-8 has no lone surrogates, and JSON (so JSONB) no
+# NaN or Infinity: such a value fails inside the indexer's INSERT (a 500), so the payload
+# schemas refuse it (a 422 naming the field) before it travels.
+
+_UNSTORABLE_CHARS = re.compile(r"[\x00\ud800-\udfff]")
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+UNSTORABLE = "value_not_storable"
+
+
+def _text_problem(value: str) -> str | None:
+    found = _UNSTORABLE_CHARS.search(value)
+    if found is None:
+        return None
+    if found.group() == "\x00":
+        return "contains a NUL character (U+0000), which cannot be stored"
+    return "contains a lone surrogate (U+D800-U+DFFF), which is not valid Unicode"
+
+
+def _not_storable(reason: str, path: str | None = None) -> PydanticCustomError:
+    # `path`: where inside a JSON field (`attributes.colour[0]`); the error's loc is the field.
+    return PydanticCustomError(UNSTORABLE, reason, {"path": path} if path else {})
+
+
+def storable_text(value: str) -> str:
+    """A string Postgres can store (text or JSONB)."""
+    reason = _text_problem(value)
+    if reason is not None:
+        raise _not_storable(reason)
+    return value
+
+
+def _key_path(parent: str, key: str) -> str:
+    if _PLAIN_KEY.match(key):
+        return f"{parent}.{key}"
+    return f"{parent}[{json.dumps(key)}]"  # escaped: a NUL in a key is shown as \u0000
+
+
+def check_storable_json(value: Any, path: str) -> None:
+    """Raises (a pydantic error naming the JSON path) unless every string, key and number at
+    any depth of `value` can be stored in JSONB."""
+    if isinstance(value, str):
+        reason = _text_problem(value)
+        if reason is not None:
+            raise _not_storable(reason, path)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise _not_storable("is not a finite number (NaN and Infinity cannot be stored)", path)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = _key_path(path, str(key))
+            reason = _text_problem(str(key))
+            if reason is not None:
+                raise _not_storable(f"key {reason}", where)
+            check_storable_json(item, where)
+    elif isinstance(value, list | tuple):
+        for n, item in enumerate(value):
+            check_storable_json(item, f"{path}[{n}]")
+
+
+StoredText = Annotated[str, AfterValidator(storable_text)]
+
+
 class ItemMetadata(BaseModel):
-    """What a client sends with an item image (`metadata` form field, JSON)."""
+    """What a client sends with an item image (`metadata` form field, JSON). Every string, at
+    any depth of `attributes` too, must be storable (no NUL, no lone surrogate)."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     sku: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")
-    title: str | None = Field(default=None, max_length=500)
-    category: str | None = Field(default=None, max_length=128)
+    title: StoredText | None = Field(default=None, max_length=500)
+    category: StoredText | None = Field(default=None, max_length=128)
     price: float | None = Field(default=None, ge=0, le=1e9)
     attributes: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("attributes")
+    @classmethod
+    def _storable_attributes(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_storable_json(value, "attributes")
+        return value
+
 
 class SearchFilters(BaseModel):
-    category: str | None = None
+    # Compared in SQL: a NUL would fail the query like it fails an INSERT.
+    category: StoredText | None = None
     min_price: float | None = Field(default=None, ge=0)
     max_price: float | None = Field(default=None, ge=0)
     # The category the served model predicted for the item image; items without one drop out.
-    predicted_category: str | None = None
+    predicted_category: StoredText | None = None
 
     def any_set(self) -> bool:
         """Whether any filter is set."""

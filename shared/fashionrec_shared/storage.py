@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 
+import certifi
+import urllib3
 from minio import Minio
 from minio.error import S3Error
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -132,7 +134,7 @@ _transient = retry(
 class S3BlobStore:
     """Objects in an S3 bucket through the minio SDK (MinIO, AWS S3, moto, …)."""
 
-    def __init__(self, settings: StorageSettings) -> None:
+    def __init__(self, settings: StorageSettings, *, for_requests: bool = False) -> None:
         assert settings.s3_endpoint
         self.bucket = settings.s3_bucket
         self.client = Minio(
@@ -145,6 +147,7 @@ class S3BlobStore:
             else None,
             secure=settings.s3_secure,
             region=settings.s3_region,
+            http_client=_request_http_client() if for_requests else None,
         )
         self._create_bucket = settings.s3_create_bucket
         self._bucket_checked = False
@@ -157,6 +160,10 @@ class S3BlobStore:
 
     @_transient
     def ensure_bucket(self) -> None:
+        self._check_bucket()
+
+    def _check_bucket(self) -> None:
+        # Not retried itself: callers are, and nested retries multiply (9 tries, a minute).
         if self._bucket_checked:
             return
         if not self._call(self.client.bucket_exists, self.bucket):
@@ -171,7 +178,7 @@ class S3BlobStore:
 
     @_transient
     def put(self, key: str, data: bytes) -> None:
-        self.ensure_bucket()
+        self._check_bucket()
         self._call(
             self.client.put_object,
             self.bucket,
@@ -211,7 +218,7 @@ class S3BlobStore:
 
     @_transient
     def upload_file(self, key: str, path: Path) -> None:
-        self.ensure_bucket()
+        self._check_bucket()
         self._call(
             self.client.fput_object,
             self.bucket,
@@ -235,7 +242,24 @@ class S3BlobStore:
         self.ensure_bucket()
 
 
-def make_blob_store(settings: StorageSettings) -> BlobStore:
+def _request_http_client() -> urllib3.PoolManager:
+    """minio's client, but failing in seconds: its own (5 min timeouts, 5 retries with backoff,
+    under our 3 attempts) keeps a caller waiting a minute or more before the outage shows."""
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=3.0, read=30.0),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        # Redirects as minio's own; failures not retried here (the 3 attempts above are).
+        retries=urllib3.Retry(
+            total=5, connect=0, read=0, other=0, status=0, status_forcelist=[500, 502, 503, 504]
+        ),
+    )
+
+
+def make_blob_store(settings: StorageSettings, *, for_requests: bool = False) -> BlobStore:
+    """`for_requests`: an S3 store tuned for a waiting HTTP client (short timeouts, no HTTP
+    retries under the 3 attempts), so that an outage is a prompt StorageUnavailable."""
     if settings.backend == "s3":
-        return S3BlobStore(settings)
+        return S3BlobStore(settings, for_requests=for_requests)
     return LocalBlobStore(settings.local_dir)

@@ -41,7 +41,7 @@ from fashionrec_shared.storage import LocalBlobStore
 from fashionrec_shared.tasks import ImageRef, ItemEmbedding, ModelOnline, Predicted, StoreEmbeddings
 from fashionrec_shared.vectors import encode_vector
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, func, insert, literal, select
+from sqlalchemy import Engine, create_engine, func, insert, literal, select, text
 
 from tests.gateway.fakes import unit_vector
 
@@ -136,6 +136,7 @@ class RealIndexer:
         self._lock = threading.RLock()  # _start serves m1 through `app`
         self._client: TestClient | None = None
         self._rank = 0
+        self.database_url: str | None = None  # set when the app starts
         self.dim = DIM  # of the served vectors; set it before first use
         self.faults = FaultInjection(lambda: self.app)  # the gateway's transport
         self.items = _Items(self)
@@ -151,7 +152,7 @@ class RealIndexer:
         return self._client
 
     def _start(self) -> TestClient:
-        database_url = self._make_database()
+        database_url = self.database_url = self._make_database()
         migrate(database_url, timeout_s=10)
         settings = IndexerSettings(
             database_url=database_url,
@@ -166,6 +167,26 @@ class RealIndexer:
         self._client = client
         self.serve(MODEL)
         return client
+
+    def database_down(self) -> None:
+        """Postgres refuses the indexer's database from now on, as in an outage: no new
+        connection is allowed (superusers included) and the open ones are cut."""
+        engine = self.engine  # started first: the outage hits a running indexer
+        name = engine.url.database
+        # From the maintenance database: a database cannot lock itself out.
+        admin = create_engine(engine.url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :name"
+                    ),
+                    {"name": name},
+                )
+        finally:
+            admin.dispose()
 
     def close(self) -> None:
         if self._client is not None:

@@ -36,10 +36,10 @@ def test_openapi_documents_the_public_api(gateway: Gateway) -> None:
         "/readyz",
     }
     search = paths["/v1/search"]["post"]
-    assert {"413", "415", "422", "504"} <= set(search["responses"])
+    assert {"413", "415", "422", "429", "503", "504"} <= set(search["responses"])
     assert "application/problem+json" in search["responses"]["504"]["content"]
     assert "SearchResponse" in str(search["responses"]["200"])
-    assert paths["/v1/items"]["post"]["responses"].keys() >= {"202", "401"}
+    assert paths["/v1/items"]["post"]["responses"].keys() >= {"202", "401", "429"}
     assert gateway.client.get("/docs").status_code == 200
 
 

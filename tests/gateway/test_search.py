@@ -65,6 +65,28 @@ def test_bad_parameters(gateway: Gateway, params: dict[str, Any]) -> None:
     assert gateway.stored() == set()
 
 
+def test_two_image_parts_are_a_422(gateway: Gateway) -> None:
+    """Which photo was meant is a guess: the search used one of them silently."""
+    files = [
+        ("image", ("a.jpg", jpeg(), "image/jpeg")),
+        ("image", ("b.jpg", jpeg((1, 2, 3)), "image/jpeg")),
+    ]
+    body = assert_problem(gateway.client.post("/v1/search", files=files), 422)
+    assert "2 `image` parts" in body["detail"]
+    assert gateway.stored() == set()
+    assert gateway.embedder.sent == []
+
+
+@pytest.mark.parametrize("name", ["category", "predicted_category"])
+def test_nul_in_a_filter_is_a_422(gateway: Gateway, name: str) -> None:
+    body = assert_problem(search(gateway, jpeg(), **{name: "dr\x00ess"}), 422)
+    assert f"query.{name}: contains a NUL" in body["detail"]
+    assert gateway.indexer.calls_to("POST", "/search") == []
+    [item_id] = seed(gateway, 1)
+    similar = gateway.client.get(f"/v1/items/{item_id}/similar", params={name: "\x00"})
+    assert f"query.{name}" in assert_problem(similar, 422)["detail"]
+
+
 def test_missing_image_field(gateway: Gateway) -> None:
     body = assert_problem(gateway.client.post("/v1/search", data={"x": "y"}), 422)
     assert "image" in body["detail"]

@@ -27,6 +27,10 @@ def test_defaults() -> None:
     assert s.api_key is None
     assert s.workers == 1
     assert s.storage.backend == "local"
+    assert s.retry_after_s == 5
+    assert (s.rate_limit_search, s.rate_limit_writes) == (None, None)  # off
+    assert s.trusted_proxies == 0
+    assert s.cors_origins == []  # off
 
 
 def test_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,3 +54,25 @@ def test_production_needs_an_api_key(key: str | None) -> None:
     with pytest.raises(ValidationError, match="API_KEY"):
         GatewaySettings(environment="production", api_key=key)
     GatewaySettings(environment="production", api_key="k")
+
+
+def test_limits_and_cors_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASHIONREC_GATEWAY_RATE_LIMIT_SEARCH", " 60/minute ")
+    monkeypatch.setenv("FASHIONREC_GATEWAY_RATE_LIMIT_WRITES", "10/second;300/hour")
+    monkeypatch.setenv("FASHIONREC_GATEWAY_TRUSTED_PROXIES", "1")
+    monkeypatch.setenv("FASHIONREC_GATEWAY_RETRY_AFTER_S", "2")
+    monkeypatch.setenv(
+        "FASHIONREC_GATEWAY_CORS_ORIGINS", "https://shop.example/, https://b.example"
+    )
+    s = GatewaySettings()
+    assert (s.rate_limit_search, s.rate_limit_writes) == ("60/minute", "10/second;300/hour")
+    assert (s.trusted_proxies, s.retry_after_s) == (1, 2)
+    assert s.cors_origins == ["https://shop.example", "https://b.example"]
+
+
+@pytest.mark.parametrize(
+    "field", [{"rate_limit_search": "lots"}, {"rate_limit_writes": "5 per fortnight"}]
+)
+def test_a_bad_rate_fails_at_startup(field: dict[str, str]) -> None:
+    with pytest.raises(ValidationError, match="rate_limit_"):
+        GatewaySettings(**field)

@@ -14,6 +14,7 @@ from fashionrec_shared.request_id import install_request_id
 from fashionrec_shared.storage import make_blob_store
 from fastapi import FastAPI
 
+from fashionrec_gateway.cors import SettingsCORSMiddleware
 from fashionrec_gateway.embedding import (
     CeleryQueryEmbedder,
     QueryVectorCache,
@@ -22,7 +23,12 @@ from fashionrec_gateway.embedding import (
 )
 from fashionrec_gateway.indexer_client import IndexerClient
 from fashionrec_gateway.metrics import GatewayMetrics
-from fashionrec_gateway.middleware import BodyLimitMiddleware, MetricsMiddleware
+from fashionrec_gateway.middleware import (
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    RetryAfterMiddleware,
+)
+from fashionrec_gateway.ratelimit import RateLimits
 from fashionrec_gateway.routers import demo, health, images, index, items, jobs, search
 from fashionrec_gateway.settings import GatewaySettings
 
@@ -49,19 +55,23 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         )
         celery = tune_for_requests(make_celery("fashionrec-gateway", config.broker))
         indexer = IndexerClient.create(config.indexer_url, config.indexer_timeout_s)
+        rate_limits = RateLimits.from_settings(config)
         app.state.settings = config
-        app.state.blob_store = make_blob_store(config.storage)
+        # for_requests: a storage outage is a 503 within seconds, not after a minute of retries.
+        app.state.blob_store = make_blob_store(config.storage, for_requests=True)
         app.state.redis = redis_client
         app.state.celery = celery
         app.state.indexer = indexer
         app.state.query_embedder = CeleryQueryEmbedder(celery)
         app.state.query_cache = QueryVectorCache(redis_client, config.query_cache_ttl_s)
         app.state.serving_version = ServingVersion()
+        app.state.rate_limits = rate_limits
         log.info("gateway ready to serve; indexer at %s", config.indexer_url)
         try:
             yield
         finally:
             indexer.close()
+            rate_limits.close()
             redis_client.close()
             celery.close()
 
@@ -75,8 +85,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.metrics = GatewayMetrics()
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(RetryAfterMiddleware)
     app.add_middleware(MetricsMiddleware)
-    install_request_id(app, "gateway")  # outermost: answers and log lines carry the id
+    install_request_id(app, "gateway")  # answers and log lines carry the id
+    # Outermost: error answers of the middleware inside (413, say) carry CORS headers too,
+    # or a browser page could not read them.
+    app.add_middleware(SettingsCORSMiddleware)
     for module in (search, items, jobs, index, images, health, demo):
         app.include_router(module.router)
     return app

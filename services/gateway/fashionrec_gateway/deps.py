@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 from fashionrec_shared.problems import ProblemError
@@ -11,9 +10,11 @@ from fashionrec_shared.storage import BlobStore
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
+from fashionrec_gateway.auth import API_KEY_HEADER, expected_key, key_matches
 from fashionrec_gateway.embedding import QueryEmbedder, QueryVectorCache, ServingVersion
 from fashionrec_gateway.indexer_client import IndexerClient
 from fashionrec_gateway.metrics import GatewayMetrics
+from fashionrec_gateway.ratelimit import SEARCH, WRITES, RateLimits, client_identity
 from fashionrec_gateway.settings import GatewaySettings
 
 
@@ -49,6 +50,10 @@ def get_metrics(request: Request) -> GatewayMetrics:
     return request.app.state.metrics
 
 
+def get_rate_limits(request: Request) -> RateLimits:
+    return request.app.state.rate_limits
+
+
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 BlobStoreDep = Annotated[BlobStore, Depends(get_blob_store)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
@@ -57,9 +62,10 @@ QueryEmbedderDep = Annotated[QueryEmbedder, Depends(get_query_embedder)]
 QueryCacheDep = Annotated[QueryVectorCache, Depends(get_query_cache)]
 ServingVersionDep = Annotated[ServingVersion, Depends(get_serving_version)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
+RateLimitsDep = Annotated[RateLimits, Depends(get_rate_limits)]
 
 _api_key_header = APIKeyHeader(
-    name="X-API-Key",
+    name=API_KEY_HEADER,
     auto_error=False,
     description="needed on POST/DELETE when the gateway has a key",
 )
@@ -68,11 +74,20 @@ _api_key_header = APIKeyHeader(
 def require_api_key(
     settings: SettingsDep, key: Annotated[str | None, Security(_api_key_header)]
 ) -> None:
-    expected = settings.api_key.get_secret_value() if settings.api_key else ""
-    if not expected:
-        return
-    if key is None or not secrets.compare_digest(key.encode(), expected.encode()):
+    if expected_key(settings) and not key_matches(settings, key):
         raise ProblemError(401, "Unauthorized", "a valid X-API-Key header is required")
 
 
 ApiKeyDep = Depends(require_api_key)
+
+
+def _rate_limited(scope: str) -> Any:
+    def check(request: Request, settings: SettingsDep, limits: RateLimitsDep) -> None:
+        limits.check(scope, client_identity(request, settings))
+
+    return Depends(check)
+
+
+# Before ApiKeyDep in a route's dependencies: guessing keys counts against the guesser's limit.
+SearchLimitDep = _rate_limited(SEARCH)
+WriteLimitDep = _rate_limited(WRITES)

@@ -1,8 +1,10 @@
 """HTTP client for the indexer's internal API; its failures become problems for our callers.
 
-Mapping: unreachable -> 503, no answer in time -> 504, 409 -> IndexerConflict (the search flow
-re-embeds once, with the model version the problem names), other 4xx -> the same status with the
-indexer's detail, 5xx or garbage -> 502.
+Mapping: unreachable (refused, or no connection in time) -> 503, no answer in time -> 504, 503
+or 504 (its database or broker is down, its index still loading) -> the same status, with the
+indexer's Retry-After when it sends one, 409 -> IndexerConflict (the search flow re-embeds once,
+with the model version the problem names), other 4xx -> the same status with the indexer's
+detail, other 5xx or garbage -> 502.
 """
 
 from __future__ import annotations
@@ -71,6 +73,11 @@ class IndexerClient:
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self.http.request(method, path, **kwargs)
+        except httpx.ConnectTimeout as exc:
+            # No connection at all is the indexer being away, not slow with our request.
+            raise ProblemError(
+                503, "Service Unavailable", f"the indexer is unreachable ({exc!r})"
+            ) from exc
         except httpx.TimeoutException as exc:
             raise ProblemError(
                 504, "Gateway Timeout", f"the indexer did not answer in time ({exc!r})"
@@ -86,6 +93,15 @@ class IndexerClient:
             raise IndexerConflict(title or "Conflict", detail, _served_version(response))
         if 400 <= response.status_code < 500:
             raise ProblemError(response.status_code, title or "Error", detail)
+        if response.status_code in (503, 504):
+            # A dependency of the indexer is down (its database, say): an outage, not a bug.
+            retry_after = response.headers.get("retry-after", "").strip()
+            raise ProblemError(
+                response.status_code,
+                title or response.reason_phrase,
+                f"the indexer is unavailable: {detail}",
+                headers={"Retry-After": retry_after} if retry_after.isdigit() else None,
+            )
         raise ProblemError(
             502, "Bad Gateway", f"the indexer failed with {response.status_code}: {detail}"
         )

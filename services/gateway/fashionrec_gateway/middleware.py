@@ -1,4 +1,4 @@
-"""ASGI middleware: request body limit and per-route request metrics."""
+"""ASGI middleware: request body limit, per-route request metrics, Retry-After on outages."""
 
 from __future__ import annotations
 
@@ -81,3 +81,30 @@ class MetricsMiddleware:
             path = getattr(route, "path", "unmatched")
             metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - start)
             metrics.requests.labels(scope["method"], path, str(status)).inc()
+
+
+# A dependency is down (503) or too slow (504): both are worth a retry later.
+RETRYABLE = frozenset({503, 504})
+
+
+class RetryAfterMiddleware:
+    """503 and 504 answers carry `Retry-After: settings.retry_after_s` unless they set their own
+    (one the indexer sent, say): every path to an outage answer gets it, problem or not."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        retry_after = str(scope["app"].state.settings.retry_after_s).encode()
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in RETRYABLE:
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"retry-after" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"retry-after", retry_after)]}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)

@@ -14,9 +14,10 @@ _DESCRIPTIONS = {
     413: "upload too large (bytes or pixels)",
     415: "not an image in a supported format",
     422: "invalid input",
+    429: "rate limit exceeded; Retry-After says when to try again",
     502: "a backend service failed",
-    503: "a backend service is unreachable",
-    504: "the embedder did not answer in time",
+    503: "a backend service (storage, broker, indexer, database) is unavailable; see Retry-After",
+    504: "the embedder or the indexer did not answer in time; see Retry-After",
 }
 
 

@@ -11,6 +11,7 @@ from fashionrec_shared.schemas import (
     SearchFilters,
     SearchResponse,
     SearchResult,
+    StoredText,
 )
 from fashionrec_shared.tasks import Predicted
 from fastapi import Depends, Query
@@ -18,10 +19,10 @@ from fastapi import Depends, Query
 from fashionrec_gateway.urls import image_url
 
 K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
-Category = Annotated[str | None, Query(max_length=128, description="only this category")]
+Category = Annotated[StoredText | None, Query(max_length=128, description="only this category")]
 Price = Annotated[float | None, Query(ge=0)]
 PredictedCategory = Annotated[
-    str | None,
+    StoredText | None,
     Query(
         max_length=128,
         description="only items whose image the served model predicts as this category "

@@ -31,7 +31,7 @@ def _embedders(client: redis.Redis) -> list[EmbedderInfo] | None:
     response_model=IndexStatus,
     summary="The served index and model version; during a model change the re-embed job "
     "(follow it with GET /v1/jobs/{reembed_job_id}); the embedders alive and what they run",
-    responses=problems(502, 503),
+    responses=problems(502, 503, 504),
 )
 def index_info(indexer: IndexerDep, serving: ServingVersionDep, client: RedisDep) -> IndexStatus:
     info = indexer.index_info()

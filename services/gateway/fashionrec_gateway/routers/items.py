@@ -21,7 +21,15 @@ from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 
 from fashionrec_gateway.blobs import store_image
-from fashionrec_gateway.deps import ApiKeyDep, BlobStoreDep, IndexerDep, MetricsDep, SettingsDep
+from fashionrec_gateway.deps import (
+    ApiKeyDep,
+    BlobStoreDep,
+    IndexerDep,
+    MetricsDep,
+    SettingsDep,
+    WriteLimitDep,
+)
+from fashionrec_gateway.forms import single_parts
 from fashionrec_gateway.metrics import StageTimer
 from fashionrec_gateway.responses import problems
 from fashionrec_gateway.results import FiltersDep, K, to_response
@@ -45,7 +53,8 @@ _JSON_LIST = TypeAdapter(list[Any])
 def _metadata_problem(exc: ValidationError, prefix: str = "metadata") -> ProblemError:
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
+        # A value deep inside a JSON field (attributes) names its path there, the loc the field.
+        where = (err.get("ctx") or {}).get("path") or ".".join(str(p) for p in err["loc"])
         if err["type"] == "json_invalid":
             parts.append(f"{prefix} is not valid JSON ({err['ctx'].get('error', '')})")
         elif err["type"] in ("model_type", "model_attributes_type"):
@@ -67,8 +76,8 @@ def parse_metadata(raw: str) -> ItemMetadata:
     status_code=202,
     response_model=ItemAccepted,
     summary="Add or replace (same sku) an item; its embedding is computed asynchronously",
-    responses=problems(401, 404, 413, 415, 422, 502, 503),
-    dependencies=[ApiKeyDep],
+    responses=problems(401, 404, 413, 415, 422, 429, 502, 503, 504),
+    dependencies=[WriteLimitDep, ApiKeyDep, single_parts("image", "metadata")],
 )
 def add_item(
     image: Annotated[UploadFile, File(description="the item photo")],
@@ -107,8 +116,8 @@ def add_item(
         "whole (metadata not a list, counts differ, too many items, unknown job, storage or "
         "indexer down) are problem+json answers and nothing is stored."
     ),
-    responses=problems(401, 404, 413, 422, 502, 503),
-    dependencies=[ApiKeyDep],
+    responses=problems(401, 404, 413, 422, 429, 502, 503, 504),
+    dependencies=[WriteLimitDep, ApiKeyDep, single_parts("metadata")],
 )
 def add_items_batch(
     request: Request,
@@ -213,7 +222,7 @@ def add_items_batch(
     "/{item_id}",
     response_model=ItemOut,
     summary="An item and its indexing status (pending, indexed, failed)",
-    responses=problems(404, 502, 503),
+    responses=problems(404, 502, 503, 504),
 )
 def get_item(item_id: str, request: Request, settings: SettingsDep, indexer: IndexerDep) -> ItemOut:
     item = indexer.get_item(item_id)
@@ -228,8 +237,8 @@ def get_item(item_id: str, request: Request, settings: SettingsDep, indexer: Ind
     status_code=204,
     response_class=Response,
     summary="Remove an item from results at once",
-    responses=problems(401, 404, 502, 503),
-    dependencies=[ApiKeyDep],
+    responses=problems(401, 404, 429, 502, 503, 504),
+    dependencies=[WriteLimitDep, ApiKeyDep],
 )
 def delete_item(item_id: str, indexer: IndexerDep) -> Response:
     indexer.delete_item(item_id)
@@ -240,7 +249,7 @@ def delete_item(item_id: str, indexer: IndexerDep) -> Response:
     "/{item_id}/similar",
     response_model=SearchResponse,
     summary="Neighbours of a stored item (no re-embedding)",
-    responses=problems(404, 409, 422, 502, 503),
+    responses=problems(404, 409, 422, 502, 503, 504),
 )
 def similar_items(
     item_id: str,

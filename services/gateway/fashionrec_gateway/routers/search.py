@@ -22,10 +22,12 @@ from fashionrec_gateway.deps import (
     MetricsDep,
     QueryCacheDep,
     QueryEmbedderDep,
+    SearchLimitDep,
     ServingVersionDep,
     SettingsDep,
 )
 from fashionrec_gateway.embedding import QueryEmbedder, QueryVectorCache
+from fashionrec_gateway.forms import single_parts
 from fashionrec_gateway.indexer_client import IndexerConflict
 from fashionrec_gateway.metrics import GatewayMetrics, StageTimer
 from fashionrec_gateway.responses import problems
@@ -106,7 +108,8 @@ def _record_embed(timer: StageTimer, result: EmbedQueryResult, round_trip_s: flo
     "/search",
     response_model=SearchResponse,
     summary="Find the k inventory items that look most like the photo",
-    responses=problems(409, 413, 415, 422, 502, 503, 504),
+    responses=problems(409, 413, 415, 422, 429, 502, 503, 504),
+    dependencies=[SearchLimitDep, single_parts("image")],
 )
 def search(
     request: Request,
