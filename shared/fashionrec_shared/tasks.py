@@ -24,6 +24,7 @@ class TaskName(StrEnum):
     STORE_EMBEDDINGS = "fashionrec.indexer.store_embeddings"
     BUILD_INDEX = "fashionrec.indexer.build_index"
     MODEL_ONLINE = "fashionrec.indexer.model_online"
+    SWEEP_PENDING = "fashionrec.indexer.sweep_pending"
 
 
 TASK_QUEUES: dict[TaskName, Queue] = {
@@ -32,6 +33,7 @@ TASK_QUEUES: dict[TaskName, Queue] = {
     TaskName.STORE_EMBEDDINGS: Queue.INDEX,
     TaskName.BUILD_INDEX: Queue.INDEX,
     TaskName.MODEL_ONLINE: Queue.INDEX,
+    TaskName.SWEEP_PENDING: Queue.INDEX,
 }
 
 
@@ -117,3 +119,7 @@ class ModelOnline(BaseModel):
     model_version: str
     dim: int
     hostname: str = ""
+
+
+class SweepPending(BaseModel):
+    """Sent by the indexer worker's beat: re-queue items pending too long (bounds: its settings)."""

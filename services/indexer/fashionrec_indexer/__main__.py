@@ -57,7 +57,8 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
     beat: Annotated[bool, typer.Option("--beat/--no-beat", help="embed the beat scheduler")] = True,
 ) -> None:
-    """Run the Celery worker of queue `index` (STORE_EMBEDDINGS, BUILD_INDEX)."""
+    """Run the Celery worker of queue `index` (STORE_EMBEDDINGS, BUILD_INDEX, MODEL_ONLINE); its
+    beat sends the timed rebuilds and the pending sweep (run one worker with --beat)."""
     from fashionrec_indexer.worker import create_worker_app
 
     settings = _settings()

@@ -211,6 +211,9 @@ def upsert_item(
         "image_sha256": image.sha256,
         "status": status,
         "error": None,
+        # A new upload is a new start for the pending sweep.
+        "requeues": 0,
+        "requeued_at": None,
     }
     stmt = insert(items).values(
         id=uuid.uuid4(),
@@ -463,6 +466,62 @@ def mark_failed(conn: Connection, item_id: uuid.UUID, error: str) -> bool:
         .values(status="failed", error=error[:2000], updated_at=func.now())
     )
     return result.rowcount > 0
+
+
+# ---- pending sweep ---------------------------------------------------------------------------
+
+
+def lock_stale_pending(conn: Connection, older_than_s: float, limit: int) -> list[Row]:
+    """(id, image_key, image_sha256, requeues) of live items pending for `older_than_s` since
+    their upsert or last re-queue, oldest first, locked for this transaction (rows another
+    sweep holds, or a store is finishing, are skipped)."""
+    since = func.coalesce(items.c.requeued_at, items.c.updated_at)
+    return list(
+        conn.execute(
+            select(items.c.id, items.c.image_key, items.c.image_sha256, items.c.requeues)
+            .where(
+                items.c.status == "pending",
+                items.c.deleted_at.is_(None),
+                since < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s),
+            )
+            .order_by(since, items.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
+def queued_entries(
+    conn: Connection, item_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[uuid.UUID]]:
+    """item id -> the jobs, oldest first, in which its entry is still queued (re-embed jobs
+    aside: they re-send their own entries, see model_change)."""
+    if not item_ids:
+        return {}
+    rows = conn.execute(
+        select(job_items.c.item_id, job_items.c.job_id)
+        .select_from(job_items.join(jobs, jobs.c.id == job_items.c.job_id))
+        .where(
+            job_items.c.item_id.in_(list(item_ids)),
+            job_items.c.status == "queued",
+            jobs.c.kind != REEMBED,
+        )
+        .order_by(jobs.c.created_at)
+    )
+    found: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for row in rows:
+        found.setdefault(row.item_id, []).append(row.job_id)
+    return found
+
+
+def mark_requeued(conn: Connection, item_ids: Sequence[uuid.UUID]) -> None:
+    """Count a re-queue; change_seq and updated_at stay (nothing searchable changed)."""
+    if item_ids:
+        conn.execute(
+            update(items)
+            .where(items.c.id.in_(list(item_ids)))
+            .values(requeues=items.c.requeues + 1, requeued_at=func.now())
+        )
 
 
 # ---- jobs ------------------------------------------------------------------------------------

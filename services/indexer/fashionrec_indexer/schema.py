@@ -55,10 +55,16 @@ items = Table(
     Column("change_seq", BigInteger, change_seq, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    # How often the pending sweep re-sent the item's embedding since its upsert, and when last
+    # (sweep.py); an upsert resets both.
+    Column("requeues", Integer, nullable=False, server_default="0"),
+    Column("requeued_at", DateTime(timezone=True)),
     UniqueConstraint("sku", name="items_sku_key"),
     CheckConstraint("status IN ('pending', 'indexed', 'failed')", name="items_status_check"),
     Index("items_change_seq_idx", "change_seq"),
     Index("items_image_sha256_idx", "image_sha256"),
+    # The pending sweep's scan touches pending items only (few, next to the indexed ones).
+    Index("items_pending_idx", "updated_at", postgresql_where=text("status = 'pending'")),
 )
 
 embeddings = Table(

@@ -66,6 +66,14 @@ class IndexerSettings(ServiceSettings):
     refresh_interval_s: float = Field(default=1.0, gt=0)
     # How long a writer's transaction may take to commit; see repository.settled_change_seq.
     settle_s: float = Field(default=SETTLE_S, ge=0)
+    # The pending sweep (sweep.py), every pending_sweep_interval_s from the worker's beat: an
+    # item pending for pending_timeout_s since its upsert (or last re-queue) gets its embed
+    # task again, at most pending_max_requeues times, then fails with a reason. The timeout
+    # exceeds the broker's visibility timeout (600 s), after which Redis itself redelivers the
+    # task of a worker that died holding it.
+    pending_timeout_s: float = Field(default=900, gt=0)
+    pending_sweep_interval_s: float = Field(default=60, gt=0)
+    pending_max_requeues: int = Field(default=3, ge=0)
 
     @field_validator("database_url")
     @classmethod

@@ -1,4 +1,5 @@
-"""Celery app of the indexer worker: STORE_EMBEDDINGS, BUILD_INDEX, MODEL_ONLINE, timed rebuilds.
+"""Celery app of the indexer worker: STORE_EMBEDDINGS, BUILD_INDEX, MODEL_ONLINE, and from its
+beat timed rebuilds and the pending sweep (SWEEP_PENDING, see sweep.py).
 
 `create_worker_app(settings)` builds the app; its tasks close over this process's `Resources`
 (engine, Redis, blob store), opened after the fork in `worker_process_init` (else on first use),
@@ -16,7 +17,14 @@ from celery import Celery, Task
 from fashionrec_shared.celery_app import make_celery, send
 from fashionrec_shared.storage import BlobStore, StorageUnavailable, make_blob_store
 from fashionrec_shared.task_base import PolicyTask, ProcessResources, poison_reason, policy_task
-from fashionrec_shared.tasks import BuildIndex, ModelOnline, Queue, StoreEmbeddings, TaskName
+from fashionrec_shared.tasks import (
+    BuildIndex,
+    ModelOnline,
+    Queue,
+    StoreEmbeddings,
+    SweepPending,
+    TaskName,
+)
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import Engine
@@ -27,6 +35,7 @@ from fashionrec_indexer.db import make_engine
 from fashionrec_indexer.ingest import give_up, store_embeddings
 from fashionrec_indexer.model_change import Plan, model_online
 from fashionrec_indexer.settings import IndexerSettings
+from fashionrec_indexer.sweep import sweep_pending
 
 
 class IndexerTask(PolicyTask):
@@ -69,6 +78,16 @@ def send_plan(app: Celery, client: redis.Redis, plan: Plan | None) -> dict[str, 
         "embed_tasks": len(plan.embed),
         "build_requested": build_sent,
     }
+
+
+def embed_backlog(app: Celery) -> int:
+    """Messages waiting in the embed queue (0 while it does not exist)."""
+    with app.connection_for_read() as conn:
+        try:
+            declared = conn.default_channel.queue_declare(queue=str(Queue.EMBED), passive=True)
+        except conn.channel_errors:  # no such queue: nothing was ever sent, or all was taken
+            return 0
+        return int(declared.message_count)
 
 
 class Resources(ProcessResources):
@@ -122,7 +141,13 @@ def create_worker_app(settings: IndexerSettings) -> Celery:
             "schedule": settings.rebuild_interval_s,
             "args": (BuildIndex(reason="timer").model_dump(mode="json"),),
             "options": {"queue": str(Queue.INDEX)},
-        }
+        },
+        "indexer-pending-sweep": {
+            "task": str(TaskName.SWEEP_PENDING),
+            "schedule": settings.pending_sweep_interval_s,
+            "args": (SweepPending().model_dump(mode="json"),),
+            "options": {"queue": str(Queue.INDEX)},
+        },
     }
     app.conf.beat_schedule_filename = str(Path(settings.index_dir) / "celerybeat-schedule")
 
@@ -177,5 +202,26 @@ def create_worker_app(settings: IndexerSettings) -> Celery:
     def model_online_task(task: Task, data: ModelOnline) -> dict[str, Any]:
         plan = model_online(resources.engine, data)
         return {"status": "ok", **send_plan(app, resources.redis, plan)}
+
+    @policy_task(app, TaskName.SWEEP_PENDING, base=IndexerTask, payload=SweepPending)
+    def sweep_pending_task(task: Task, data: SweepPending) -> dict[str, Any]:
+        # With a backlog, pending items may just be waiting their turn (a long ingest):
+        # counting that against them would fail them for their patience.
+        backlog = embed_backlog(app)
+        if backlog:
+            return {"status": "deferred", "embed_backlog": backlog}
+        plan = sweep_pending(
+            resources.engine,
+            timeout_s=settings.pending_timeout_s,
+            max_requeues=settings.pending_max_requeues,
+        )
+        for payload in plan.embed:  # committed: what the upsert sent, sent again
+            send(app, TaskName.EMBED_ITEMS, payload)
+        return {
+            "status": "ok",
+            "requeued": plan.requeued,
+            "failed": plan.failed,
+            "embed_tasks": len(plan.embed),
+        }
 
     return app
