@@ -1,7 +1,8 @@
 """Retrieval quality and speed of the embedder's backbones on generated garments, in one run.
 
 Models: random ResNet50 (`random:0`, no ImageNet weights can be downloaded here), the packaged
-ImageNet EfficientNet-Lite0/1/2, and a model fine-tuned here (`training.run.train`) from packaged
+ImageNet EfficientNet-Lite0/1/2 with global and with regional pooling (`--poolings`), and a model
+fine-tuned here (`training.run.train`) from packaged
 Lite weights on a generated DeepFashion-layout set. Every model is served by the real
 `Embedder` (JPEG bytes → `embed_bytes`); quality figures use OpenVINO fp32 (what `runtime=auto`
 picks on a CPU) and are repeated for OpenVINO int8.
@@ -179,10 +180,12 @@ def agreement(top_a: np.ndarray, top_b: np.ndarray) -> float:
 
 def labels(spec: GarmentSpec) -> dict[str, str]:
     """What a neighbour should share with a new garment's photo: its category ("shape"), its
-    pattern, and the DeepFashion-style shape attributes of its drawing (length and width)."""
+    pattern, its colour, and the DeepFashion-style shape attributes of its drawing (length and
+    width)."""
     return {
         "shape": spec.category,
         "pattern": spec.pattern,
+        "colour": spec.colour,
         "silhouette": " ".join(garment_attributes(spec)["shape"]),
     }
 
@@ -280,7 +283,7 @@ def measure_model(
                 inshop |= {"queries": result["queries"], "gallery": result["gallery"]}
         runs[(runtime, precision)] = run
         print(
-            f"  {label:<28} {runtime:<12} {precision}: {ips:7.1f} img/s (load {load_s:.1f}s)"
+            f"  {label:<38} {runtime:<12} {precision}: {ips:7.1f} img/s (load {load_s:.1f}s)"
             + (f"  shape p@5 {run['quality']['shape_p@5']:.3f}" if "quality" in run else ""),
             flush=True,
         )
@@ -383,8 +386,8 @@ def print_tables(figures: dict[str, Any]) -> None:
         f" stock, {figures['queries']} new garments, {figures['queries']} stocked photos"
         + (", fabric surfaces" if figures["fabrics"] else "")
     )
-    keys = ("shape_p@5", "pattern_p@5", "silhouette_p@5", "stocked_hit@5")
-    header = f"{'model':<30}{'dim':>5}{'px':>5}" + "".join(f"{k:>16}" for k in keys)
+    keys = ("shape_p@5", "pattern_p@5", "colour_p@5", "silhouette_p@5", "stocked_hit@5")
+    header = f"{'model':<40}{'dim':>5}{'px':>5}" + "".join(f"{k:>16}" for k in keys)
     print(header + f"{'R@1':>7}{'R@5':>7}{'R@10':>7}")
     for m in figures["models"]:
         q = m["quality"] or {}
@@ -392,20 +395,20 @@ def print_tables(figures: dict[str, Any]) -> None:
         cells = "".join(f"{fmt(q.get(k))} ({fmt(i8.get(k))})".rjust(16) for k in keys)
         ins = m["inshop"]
         print(
-            f"{m['model']:<30}{m['dim']:>5}{m['image_size']:>5}{cells}"
+            f"{m['model']:<40}{m['dim']:>5}{m['image_size']:>5}{cells}"
             f"{fmt(ins.get('recall@1')):>7}{fmt(ins.get('recall@5')):>7}"
             f"{fmt(ins.get('recall@10')):>7}"
         )
-    print(f"{'chance':<40}" + "".join(f"{chance[k]:>16.3f}" for k in keys))
+    print(f"{'chance':<50}" + "".join(f"{chance[k]:>16.3f}" for k in keys))
     print(f"\nSpeed, batch 16 (images/s, inference only; median of {figures['reps']} calls)")
     print(
-        f"{'model':<30}{'runtime':<13}{'prec':<6}{'img/s':>8}{'jpeg/s':>8}{'load s':>8}"
+        f"{'model':<40}{'runtime':<13}{'prec':<6}{'img/s':>8}{'jpeg/s':>8}{'load s':>8}"
         f"{'min cos':>9}{'top5 agr':>10}"
     )
     for m in figures["models"]:
         for r in m["runtimes"]:
             print(
-                f"{m['model']:<30}{r['runtime']:<13}{r['precision']:<6}"
+                f"{m['model']:<40}{r['runtime']:<13}{r['precision']:<6}"
                 f"{r['images_per_s_b16']:>8.1f}{fmt(r.get('embed_bytes_images_per_s'), '.1f'):>8}"
                 f"{r['load_s']:>8.1f}{fmt(r.get('min_cosine_vs_torch'), '.4f'):>9}"
                 f"{fmt(r.get('top5_agreement_vs_fp32')):>10}"
@@ -438,6 +441,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--backbones",
         default="resnet50,efficientnet-lite0,efficientnet-lite1,efficientnet-lite2",
         help="comma-separated; resnet50 uses random:0, the others imagenet ('' for none)",
+    )
+    parser.add_argument(
+        "--poolings",
+        default="global,regional",
+        help="comma-separated poolings of the plain backbones (regional: Lite only)",
     )
     parser.add_argument(
         "--runtimes",
@@ -483,6 +491,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if name not in BACKBONES:
             parser.error(f"unknown backbone {name!r}; use {', '.join(BACKBONES)}")
     args.runtimes = [tuple(r.strip().split(":")) for r in args.runtimes.split(",") if r.strip()]
+    args.poolings = [p.strip() for p in args.poolings.split(",") if p.strip()]
     args.out = args.out or RESULTS / ("quality-quick.json" if args.quick else "quality.json")
     return args
 
@@ -515,10 +524,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         models = []
         for name in args.backbones:
             weights = "random:0" if name == "resnet50" else "imagenet"
-            label = f"{name} {weights}"
-            models.append(
-                measure_model(label, base | {"backbone": name, "weights": weights}, data, args)
-            )
+            for pooling in (p for p in args.poolings if p in BACKBONES[name].poolings):
+                label = f"{name} {weights}" + (" regional" if pooling == "regional" else "")
+                values = {"backbone": name, "weights": weights, "pooling": pooling}
+                models.append(measure_model(label, base | values, data, args))
         fine = None
         if not args.skip_train:
             print(f"fine-tuning {args.train_backbone} on {data.train_root}", flush=True)

@@ -331,6 +331,9 @@ class EmbedderInfo(BaseModel):
     weights: str | None = None
     runtime: str | None = None
     precision: str | None = None
+    pooling: str | None = Field(
+        default=None, description="global or regional (a plain backbone); global for a trained one"
+    )
     processes: int = Field(default=1, ge=1, description="embedder processes in this group")
 
 

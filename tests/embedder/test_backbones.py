@@ -13,7 +13,7 @@ import pytest
 import torch
 from fashionrec_cli.datasets.deepfashion_attr import write_deepfashion_attributes
 from fashionrec_embedder.artifact import export_artifact, read_config
-from fashionrec_embedder.backbones import BACKBONES, DEFAULT_BACKBONE, get_backbone
+from fashionrec_embedder.backbones import BACKBONES, DEFAULT_BACKBONE, get_backbone, regions
 from fashionrec_embedder.model import Embedded, Embedder
 from fashionrec_embedder.network import HeadSpec, MultiTaskNet
 from fashionrec_embedder.predictions import decode_predictions
@@ -21,6 +21,7 @@ from fashionrec_embedder.settings import EmbedderSettings
 from fashionrec_embedder.training.run import TrainOptions, train
 from fashionrec_embedder.weights import WeightsError, parse_weights, random_backbone
 from PIL import Image
+from torch import nn
 
 from .conftest import pattern_image
 
@@ -58,19 +59,48 @@ def test_the_default_backbone_works_offline() -> None:
     assert EmbedderSettings.model_fields["weights"].default == "imagenet"
 
 
+@pytest.mark.parametrize("pooling", ["global", "regional"])
 @pytest.mark.parametrize("name", PACKAGED)
 def test_packaged_weights_load_offline_and_give_the_golden_output(
-    name: str, cache_dir: Path, no_network: None
+    name: str, pooling: str, cache_dir: Path, no_network: None
 ) -> None:
-    golden = GOLDEN["models"][name]
-    model = Embedder(_settings(cache_dir, backbone=name))
-    assert model.model_version == golden["model_version"]  # backbone + digest of the weights
+    golden = GOLDEN["models"][name if pooling == "global" else f"{name} regional"]
+    model = Embedder(_settings(cache_dir, backbone=name, pooling=pooling))
+    # backbone + digest of the weights (+ the pooling)
+    assert model.model_version == golden["model_version"]
     model.load()
-    assert model.dim == golden["dim"] == get_backbone(name).feature_dim
-    assert model.image_size == get_backbone(name).image_size
+    assert model.dim == golden["dim"] == get_backbone(name).embedding_dim(pooling)
+    assert model.image_size == get_backbone(name).default_image_size(pooling)
     vector = model.embed([pattern_image(160, 120, seed=0)])[0]
     projection = np.random.default_rng(0).standard_normal((16, vector.shape[0])) @ vector
     np.testing.assert_allclose(projection, golden["projection"], atol=2e-4)
+
+
+def test_pooling_auto_is_regional_for_lite_and_global_for_resnet50(cache_dir: Path) -> None:
+    lite = Embedder(_settings(cache_dir, backbone="efficientnet-lite0"))
+    assert (lite.pooling, lite.dim, lite.image_size) == ("regional", 1280 + 9 * 320, 288)
+    assert lite.model_version.endswith("-reg3")
+    plain = Embedder(_settings(cache_dir, backbone="efficientnet-lite0", pooling="global"))
+    assert (plain.pooling, plain.dim, plain.image_size) == ("global", 1280, 224)
+    assert plain.model_version == lite.model_version.removesuffix("-reg3")
+    sized = Embedder(_settings(cache_dir, backbone="efficientnet-lite0", image_size=224))
+    assert sized.model_version == lite.model_version + "-px224"
+    resnet = Embedder(_settings(cache_dir, backbone="resnet50", weights="random:0"))
+    assert (resnet.pooling, resnet.dim) == ("global", 2048)
+    with pytest.raises(WeightsError, match="pooling 'regional' is not available for resnet50"):
+        Embedder(_settings(cache_dir, backbone="resnet50", weights="random:0", pooling="regional"))
+
+
+@pytest.mark.parametrize(("height", "width"), [(9, 9), (7, 7), (3, 3), (2, 5), (1, 1)])
+def test_regions_cover_the_map_for_any_size(height: int, width: int) -> None:
+    fmap = torch.arange(2 * height * width, dtype=torch.float32).reshape(1, 2, height, width)
+    parts = regions(fmap)
+    assert len(parts) == 9 and all(p.shape == (1, 2) for p in parts)
+    if height % 3 == 0 and width % 3 == 0:  # an even split is adaptive average pooling
+        expected = nn.functional.adaptive_avg_pool2d(fmap, 3).flatten(2)
+        torch.testing.assert_close(torch.stack(parts, dim=2), expected)
+    # the top-left region sees the top-left cell, the bottom-right one the last cell
+    assert parts[0][0, 0] <= parts[-1][0, 0]
 
 
 def test_unknown_backbone_and_resnet50_offline_say_what_to_do(
@@ -85,15 +115,23 @@ def test_unknown_backbone_and_resnet50_offline_say_what_to_do(
         model.load()
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
-def test_every_backbone_on_every_runtime_matches_torch(name: str, cache_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "pooling"),
+    [(name, "global") for name in BACKBONES]
+    + [(name, "regional") for name, b in BACKBONES.items() if "regional" in b.poolings],
+)
+def test_every_backbone_on_every_runtime_matches_torch(
+    name: str, pooling: str, cache_dir: Path
+) -> None:
     weights = "imagenet" if get_backbone(name).packaged else "random:1"
     images = [pattern_image(90 + 9 * i, 70 + 4 * i, seed=i) for i in range(4)]
-    values = {"backbone": name, "weights": weights, "image_size": SMALL}
+    # Regional at 128 px: a 4x4 last map, split unevenly into the 3x3 grid.
+    size = SMALL if pooling == "global" else 128
+    values = {"backbone": name, "weights": weights, "image_size": size, "pooling": pooling}
     reference = Embedder(_settings(cache_dir, **values))
     reference.load()
     expected = reference.embed(images)
-    assert expected.shape == (4, get_backbone(name).feature_dim)
+    assert expected.shape == (4, get_backbone(name).embedding_dim(pooling))
     for runtime in ("onnxruntime", "openvino"):
         model = Embedder(_settings(cache_dir, runtime=runtime, **values))
         model.load()

@@ -24,6 +24,7 @@ def test_embeddings_are_2048_float32_unit_vectors(random_model: Embedder, images
         "device": "cpu",
         "backbone": "resnet50",
         "weights": "random:7",
+        "pooling": "global",
         "runtime": "torch",
         "precision": "fp32",
     }

@@ -215,6 +215,7 @@ NEW_BEAT = {
     "weights": "models/ft",
     "runtime": "torch",
     "precision": "fp32",
+    "pooling": "global",
 }
 
 
@@ -250,6 +251,7 @@ def test_index_lists_the_alive_embedders_grouped(gateway: Gateway) -> None:
             "weights": None,
             "runtime": None,
             "precision": None,
+            "pooling": None,
             "processes": 1,
         },
     ]

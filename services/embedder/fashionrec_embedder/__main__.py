@@ -9,6 +9,7 @@ from typing import Annotated
 import numpy as np
 import typer
 from fashionrec_shared.logging_setup import configure_logging
+from fashionrec_shared.tasks import Queue
 from pydantic import ValidationError
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="fashionrec embedder")
@@ -55,6 +56,10 @@ def worker(
     previous_weights: Annotated[
         str | None, typer.Option(help="comma-separated weights still served (model change)")
     ] = None,
+    pooling: Annotated[
+        str | None,
+        typer.Option(help="auto | global | regional: how a plain backbone pools its features"),
+    ] = None,
 ) -> None:
     """Run the Celery worker on queue `embed` (prefork; each process loads the model once)."""
     from fashionrec_embedder.weights import WeightsError, ensure_available, parse_weights
@@ -67,12 +72,16 @@ def worker(
         concurrency=concurrency,
         device=device,
         previous_weights=previous_weights,
+        pooling=pooling,
     )
     _setup_logging(loglevel or settings.log_level)
     try:
         # Fail fast in the parent: a bad weights setting would crash-loop every child, and
         # children downloading the ImageNet file at once would race.
-        ensure_available(parse_weights(settings.weights, settings.backbone), settings.cache_dir)
+        source = parse_weights(settings.weights, settings.backbone)
+        ensure_available(source, settings.cache_dir)
+        if source.kind != "artifact":
+            source.arch.pooling_for(settings.pooling)  # e.g. regional on ResNet50
         if settings.concurrency > 1:
             # Export/quantise once here rather than in every child at the same time.
             from fashionrec_embedder.model import prepare_in_subprocess
@@ -87,7 +96,7 @@ def worker(
         [
             "worker",
             "-Q",
-            "embed",
+            Queue.EMBED.value,
             "--pool",
             "prefork",
             "--concurrency",

@@ -100,9 +100,15 @@ class Embedder:
         self.heads: list[HeadSpec] = []  # a trained model's heads: it predicts as it embeds
         self.attribute_threshold = 0.5
         self.backbone = self.source.arch
-        self.dim: int = self.backbone.feature_dim
+        # Pooling applies to plain backbones; an artifact's config fixes its embedding.
+        self.pooling: str = (
+            "global"
+            if self.source.kind == "artifact"
+            else self.backbone.pooling_for(settings.pooling)
+        )
+        self.dim: int = self.backbone.embedding_dim(self.pooling)
         # The input size the model expects: an artifact's config overrides the setting.
-        self.image_size: int = settings.image_size or self.backbone.image_size
+        self.image_size: int = settings.image_size or self.backbone.default_image_size(self.pooling)
         if self.source.kind == "artifact":
             assert self.source.path is not None
             config = load_config(self.source.path)
@@ -121,7 +127,7 @@ class Embedder:
                     settings.image_size,
                 )
         else:
-            version = model_version(self.source, self.image_size)
+            version = model_version(self.source, self.image_size, self.pooling)
         self.norm = self.backbone.norm
         # fp32 runtimes give the same vectors (cosine ≥ 0.999), so they share the version; int8
         # vectors differ slightly and get their own, so one index never mixes the two.
@@ -161,7 +167,7 @@ class Embedder:
                     f"({self.fp32_version} → {config.model_version}); restart"
                 )
             return _ArtifactEmbedding(net, config.embedding.kind).eval()
-        return load_body(self.source, self.settings.cache_dir, self.image_size).eval()
+        return load_body(self.source, self.settings.cache_dir, self.image_size, self.pooling).eval()
 
     def onnx_file(self, precision: str | None = None) -> Path:
         """The cache path of this model's ONNX file (fp32, or the int8 one)."""
@@ -399,6 +405,7 @@ class Embedder:
             "device": str(self.device) if self.device else None,
             "backbone": self.backbone.name,
             "weights": self.source.public_label,
+            "pooling": self.pooling,
             "runtime": self.runtime,
             "precision": self.precision,
         }

@@ -35,9 +35,16 @@ class EmbedderSettings(ServiceSettings):
         default_factory=list,
         description="comma-separated weights specs of models to keep loaded besides `weights`",
     )
+    # How a backbone served without trained heads turns its feature map into a vector
+    # (backbones.py). `auto`: regional for EfficientNet-Lite (global features + a 3x3 grid of
+    # the last block at 288 px: 4160-d for Lite0, better shape retrieval), global for ResNet50.
+    # `global`: the plain average-pooled features (1280-d, 224 px: 3.2x less index memory).
+    # A trained model directory fixes its own embedding (its kind: heads or pooled).
+    pooling: Literal["auto", "global", "regional"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=16, ge=1, le=1024)
-    # None: the backbone's own input size (224 for ResNet50 and Lite0, 240 Lite1, 260 Lite2).
+    # None: the default of the backbone and pooling (global: 224 for ResNet50 and Lite0, 240
+    # Lite1, 260 Lite2; regional: 288).
     image_size: int | None = Field(default=None, ge=32, le=1024)
     cache_dir: Path = Path("~/.cache/fashionrec")
     concurrency: int = Field(default=1, ge=1, le=64)

@@ -113,11 +113,14 @@ def parse_weights(spec: str, backbone: str = DEFAULT_BACKBONE) -> WeightsSource:
     return WeightsSource("file", path=path.resolve(), backbone=backbone)
 
 
-def model_version(source: WeightsSource, image_size: int | None = None) -> str:
+def model_version(
+    source: WeightsSource, image_size: int | None = None, pooling: str = "global"
+) -> str:
     """A short id of backbone + weights; embeddings of different versions are never compared.
 
-    The input size changes the embeddings too, so a size other than the backbone's is part of
-    the version. A trained artifact carries its own version (content hash; its config fixes
+    The input size and the pooling change the embeddings too: regional pooling adds `-reg3`, and
+    a size other than the default for that pooling adds `-pxSIZE`. A trained artifact carries its
+    own version (content hash; its config fixes
     the size).
     """
     if source.kind == "artifact":
@@ -131,7 +134,9 @@ def model_version(source: WeightsSource, image_size: int | None = None) -> str:
     else:
         assert source.path is not None
         version = f"{arch.name}-file-{file_sha256(source.path)[:12]}"
-    if image_size is not None and image_size != arch.image_size:
+    if pooling == "regional":
+        version += "-reg3"
+    if image_size is not None and image_size != arch.default_image_size(pooling):
         version += f"-px{image_size}"
     assert _VERSION_RE.match(version), version
     return version
@@ -195,8 +200,16 @@ def imagenet_state_dict(arch: Backbone, cache_dir: Path) -> dict[str, torch.Tens
     return file_state_dict(path)
 
 
-def load_body(source: WeightsSource, cache_dir: Path, image_size: int | None = None) -> nn.Module:
-    """The backbone's feature extractor on CPU with the weights of `source`."""
+def load_body(
+    source: WeightsSource,
+    cache_dir: Path,
+    image_size: int | None = None,
+    pooling: str = "global",
+) -> nn.Module:
+    """The backbone's feature extractor on CPU with the weights of `source` and `pooling`."""
+    if pooling != "global":
+        body = load_body(source, cache_dir, image_size)
+        return source.arch.with_pooling(body, pooling)
     arch = source.arch
     if source.kind == "random":
         assert source.seed is not None
