@@ -228,3 +228,54 @@ def test_missing_files_and_shape_mismatch(
     write_artifact(garbage, b"not safetensors at all", read_config(out))
     with pytest.raises(ArtifactError, match="not a valid safetensors"):
         load_artifact(garbage)
+
+
+def test_head_weights_are_served_and_part_of_the_version(
+    exported: tuple[MultiTaskNet, Path], tmp_path: Path
+) -> None:
+    net, out = exported
+    images = [pattern_image(90 + 5 * i, 70, seed=i) for i in range(4)]
+    x = torch.stack([image_to_tensor(img, SIZE) for img in images])
+    with torch.no_grad():
+        pooled = net.body(x).float()
+        category = torch.nn.functional.normalize(net.heads[0].features(pooled), dim=1).numpy()
+        texture = torch.nn.functional.normalize(net.heads[1].features(pooled), dim=1).numpy()
+    weighted = reexport(out, tmp_path / "w", embedding="heads", head_weights={"category": 3})
+    assert weighted["embedding"] == {"kind": "heads", "dim": 1024, "head_weights": [3.0, 1.0]}
+    assert weighted["model_version"] != read_config(out)["model_version"]
+    model = Embedder(small_settings(weights=str(tmp_path / "w")))
+    model.load()
+    got = model.embed(images)
+    # blocks scaled 3:1, then the whole row normalised: 3/sqrt(10) and 1/sqrt(10)
+    np.testing.assert_allclose(got[:, :512], category * 3 / np.sqrt(10), atol=1e-5)
+    np.testing.assert_allclose(got[:, 512:], texture / np.sqrt(10), atol=1e-5)
+    # the weights travel with the model: re-exported without new weights, they stay
+    again = reexport(tmp_path / "w", tmp_path / "again", embedding="heads")
+    assert again["embedding"]["head_weights"] == [3.0, 1.0]
+    assert again["model_version"] == weighted["model_version"]
+    only = reexport(out, tmp_path / "only", embedding="heads", head_weights={"texture": 0})
+    assert only["embedding"]["head_weights"] == [1.0, 0.0]
+    # equal weights are the paper's embedding: the same version as without any
+    equal = reexport(out, tmp_path / "eq", embedding="heads", head_weights={"category": 1})
+    assert equal["model_version"] == read_config(out)["model_version"]
+
+
+@pytest.mark.parametrize(
+    ("weights", "embedding", "message"),
+    [
+        ({"colour": 2}, "heads", "no head named colour"),
+        ({"category": -1}, "heads", "between 0 and 100"),
+        ({"category": 0, "texture": 0}, "heads", "above 0"),
+        ({"category": 2}, "pooled", "need the heads embedding"),
+    ],
+)
+def test_bad_head_weights_are_refused(
+    exported: tuple[MultiTaskNet, Path],
+    tmp_path: Path,
+    weights: dict[str, float],
+    embedding: str,
+    message: str,
+) -> None:
+    with pytest.raises(ArtifactError, match=message):
+        reexport(exported[1], tmp_path / "bad", embedding=embedding, head_weights=weights)
+    assert not (tmp_path / "bad").exists()

@@ -344,6 +344,7 @@ def test_worker_process_init_loads_the_model_and_announces_it(
             "device": "cpu",
             "backbone": "resnet50",
             "weights": "random:3",
+            "pooling": "global",
             "runtime": "openvino",
             "precision": "fp32",
             "model_versions": ["resnet50-random-s3-px64"],

@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,12 @@ from fashionrec_shared.files import write_atomic
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fashionrec_embedder.backbones import BACKBONES, Backbone, WeightsError, get_backbone
-from fashionrec_embedder.network import HeadSpec, MultiTaskNet, embedding_dim
+from fashionrec_embedder.network import (
+    HeadSpec,
+    MultiTaskNet,
+    embedding_dim,
+    resolve_head_weights,
+)
 
 FORMAT = "fashionrec-model"
 FORMAT_VERSION = 2
@@ -86,10 +91,11 @@ def build_config(
     image_size: int,
     attribute_threshold: float = 0.5,
     training: Mapping[str, Any] | None = None,
+    head_weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The config without model_version (added by `write_artifact`)."""
     arch = get_backbone(backbone)
-    return {
+    config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": ARCHITECTURE,
@@ -103,6 +109,9 @@ def build_config(
         "attribute_threshold": float(attribute_threshold),
         "training": _finite(dict(training or {})),
     }
+    if head_weights is not None:  # absent when equal: older models keep their version
+        config["embedding"]["head_weights"] = [float(w) for w in head_weights]
+    return config
 
 
 def _fail(where: Path, problem: str) -> ArtifactError:
@@ -125,6 +134,18 @@ class EmbeddingConfig(BaseModel):
 
     kind: Literal["heads", "pooled"]
     dim: int
+    # One weight per head (heads kind): the block of head i is scaled by head_weights[i].
+    head_weights: tuple[float, ...] | None = None
+
+    @field_validator("head_weights")
+    @classmethod
+    def _weights(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None:
+            if any(not 0.0 <= w <= 100.0 for w in value):
+                raise ValueError("head weights must be between 0 and 100")
+            if not any(value):
+                raise ValueError("at least one head weight must be above 0")
+        return value
 
 
 class PreprocessingConfig(BaseModel):
@@ -174,6 +195,14 @@ class ArtifactConfig(BaseModel):
             raise ValueError(
                 f"embedding dim {self.embedding.dim} does not match kind "
                 f"{self.embedding.kind!r} with {len(self.heads)} heads (expected {dim})"
+            )
+        weights = self.embedding.head_weights
+        if weights is not None and (
+            self.embedding.kind != "heads" or len(weights) != len(self.heads)
+        ):
+            raise ValueError(
+                f"embedding.head_weights needs kind 'heads' and one weight per head "
+                f"({len(self.heads)}), got {len(weights)} for kind {self.embedding.kind!r}"
             )
         # Serving normalises as the backbone was trained to see images.
         for key, want in (("mean", arch.norm.mean), ("std", arch.norm.std)):
@@ -318,7 +347,7 @@ def export_artifact(
     attribute_threshold: float = 0.5,
     training: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Save `model` as a serving artifact; returns the written config."""
+    """Save `model` as a serving artifact (with its head weights); returns the written config."""
     config = build_config(
         model.heads_spec,
         backbone=model.backbone,
@@ -326,18 +355,38 @@ def export_artifact(
         image_size=image_size,
         attribute_threshold=attribute_threshold,
         training=training,
+        head_weights=model.head_weights if embedding == "heads" else None,
     )
     return write_artifact(out_dir, state_dict_bytes(model), config)
 
 
-def reexport(src: Path | str, out_dir: Path | str, *, embedding: str) -> dict[str, Any]:
-    """Copy an artifact with another embedding kind (same weights, new model_version)."""
+def reexport(
+    src: Path | str,
+    out_dir: Path | str,
+    *,
+    embedding: str,
+    head_weights: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Copy an artifact with another embedding kind or head weights (same weights, new
+    model_version). `head_weights`: {head name: weight}, heads not named weigh 1; None keeps
+    the source's (for the heads kind)."""
     config = read_config(src)
     weights = read_weights(src, config)
     typed = validate_config(config, artifact_dir(src))
     config = dict(config)
     dim = embedding_dim(embedding, len(typed.heads), typed.arch.feature_dim)
     config["embedding"] = {"kind": embedding, "dim": dim}
+    if head_weights:
+        if embedding != "heads":
+            raise ArtifactError("head weights need the heads embedding")
+        try:
+            resolved = resolve_head_weights(typed.head_specs, head_weights)
+        except ValueError as exc:
+            raise ArtifactError(str(exc)) from exc
+        if resolved is not None:
+            config["embedding"]["head_weights"] = list(resolved)
+    elif embedding == "heads" and typed.embedding.head_weights is not None:
+        config["embedding"]["head_weights"] = list(typed.embedding.head_weights)
     return write_artifact(out_dir, weights, config)
 
 
@@ -355,7 +404,9 @@ def load_artifact(path: Path | str) -> tuple[MultiTaskNet, ArtifactConfig]:
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise _fail(where, f"{WEIGHTS_NAME} is not a valid safetensors file: {exc}") from exc
     body = config.arch.build(config.preprocessing.image_size)
-    model = MultiTaskNet(body, config.head_specs, config.arch.name)
+    model = MultiTaskNet(
+        body, config.head_specs, config.arch.name, head_weights=config.embedding.head_weights
+    )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -12,6 +12,7 @@ Serving imports this module, so it must never import fastai.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +37,26 @@ class HeadSpec:
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "kind": self.kind, "classes": list(self.classes)}
+
+
+def resolve_head_weights(
+    heads: Sequence[HeadSpec], weights: Mapping[str, float] | None
+) -> tuple[float, ...] | None:
+    """`{head name: weight}` (heads not named weigh 1) → one weight per head, in head order;
+    None when every head weighs 1 (the paper's equal concatenation)."""
+    if not weights:
+        return None
+    names = [h.name for h in heads]
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"no head named {', '.join(unknown)}; the heads are {', '.join(names)}")
+    bad = {k: v for k, v in weights.items() if not 0.0 <= float(v) <= 100.0}
+    if bad:
+        raise ValueError(f"head weights must be between 0 and 100, not {bad}")
+    resolved = tuple(float(weights.get(name, 1.0)) for name in names)
+    if not any(resolved):
+        raise ValueError("at least one head weight must be above 0")
+    return None if all(w == 1.0 for w in resolved) else resolved
 
 
 def embedding_dim(kind: str, n_heads: int, feature_dim: int) -> int:
@@ -74,12 +95,19 @@ class MultiTaskNet(nn.Module):
         heads_spec: list[HeadSpec],
         backbone: str,
         dropout: float = 0.5,
+        head_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if not heads_spec:
             raise ValueError("MultiTaskNet needs at least one head")
         self.body = body
         self.heads_spec = list(heads_spec)
+        # How much each head's block counts in the `heads` embedding (None: all equal).
+        self.head_weights: tuple[float, ...] | None = (
+            tuple(head_weights) if head_weights is not None else None
+        )
+        if self.head_weights is not None and len(self.head_weights) != len(self.heads_spec):
+            raise ValueError(f"{len(self.head_weights)} head weights for {len(heads_spec)} heads")
         self.backbone = get_backbone(backbone).name
         feature_dim = get_backbone(backbone).feature_dim
         # A ModuleList (not a dict): head names are free text, state_dict keys stay heads.<i>.*
@@ -115,10 +143,12 @@ class MultiTaskNet(nn.Module):
             return nn.functional.normalize(pooled, p=2.0, dim=1)
         if kind != "heads":
             raise ValueError(f"unknown embedding kind {kind!r}; use one of {EMBEDDING_KINDS}")
-        # Each head's block is normalised first so every head weighs the same in the cosine.
+        # Each head's block is normalised first, so in the cosine every head weighs the same, or
+        # its weight squared: a shop may rank what its garments are (category) above details.
+        weights = self.head_weights or (1.0,) * len(self.heads)
         blocks = [
-            nn.functional.normalize(head.features(pooled).float(), p=2.0, dim=1)
-            for head in self.heads
+            weight * nn.functional.normalize(head.features(pooled).float(), p=2.0, dim=1)
+            for weight, head in zip(weights, self.heads, strict=True)
         ]
         return nn.functional.normalize(torch.cat(blocks, dim=1), p=2.0, dim=1)
 

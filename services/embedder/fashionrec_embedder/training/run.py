@@ -13,8 +13,8 @@ import torch
 from fashionrec_embedder.artifact import export_artifact
 from fashionrec_embedder.backbones import DEFAULT_BACKBONE
 from fashionrec_embedder.model import resolve_device
-from fashionrec_embedder.network import MultiTaskNet
-from fashionrec_embedder.training.data import TrainingData, read_training_data
+from fashionrec_embedder.network import MultiTaskNet, resolve_head_weights
+from fashionrec_embedder.training.data import DataError, TrainingData, read_training_data
 from fashionrec_embedder.training.learner import (
     EpochTable,
     build_dataloaders,
@@ -35,6 +35,8 @@ class TrainOptions:
     backbone: str = DEFAULT_BACKBONE  # a model directory as `weights` names its own
     weights: str = "imagenet"  # initialises the body: imagenet | random:SEED | file | artifact
     embedding: str = "heads"
+    # {head name: weight} in the served `heads` embedding; heads not named weigh 1.
+    head_weights: dict[str, float] = field(default_factory=dict)
     threshold: float = 0.5
     lr: float = 2e-3
     seed: int = 0
@@ -89,7 +91,12 @@ def train(
     image_size = opts.image_size or arch.image_size
     echo(f"body: {arch.name} with weights {source.label} at {image_size} px")
     body = load_body(source, Path(opts.cache_dir).expanduser(), image_size)
-    model = MultiTaskNet(body, heads, arch.name)
+    # Checked before training: a misspelt head name must not cost the training run.
+    try:
+        head_weights = resolve_head_weights(heads, opts.head_weights)
+    except ValueError as exc:
+        raise DataError(f"--head-weight: {exc}") from exc
+    model = MultiTaskNet(body, heads, arch.name, head_weights=head_weights)
     workers = opts.num_workers
     if workers is None:
         workers = 0 if device.type == "cpu" else min(8, torch.get_num_threads())
