@@ -216,6 +216,30 @@ EmbeddingOpt = Annotated[
 ]
 
 
+HeadWeightOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--head-weight",
+        help="NAME=WEIGHT: how much a head counts in the heads embedding (repeatable; others "
+        "1), e.g. category=3 ranks garments of the same kind first",
+    ),
+]
+
+
+def _head_weights(values: list[str] | None) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for value in values or []:
+        name, sep, number = value.partition("=")
+        try:
+            weights[name.strip()] = float(number)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            typer.echo(f"error: --head-weight takes NAME=WEIGHT, not {value!r}", err=True)
+            raise typer.Exit(2)
+    return weights
+
+
 def _check_embedding(kind: str) -> None:
     if kind not in ("heads", "pooled"):
         typer.echo(f"error: --embedding must be heads or pooled, not {kind!r}", err=True)
@@ -245,6 +269,7 @@ def train(
     ] = "imagenet",
     batch_size: Annotated[int, typer.Option(min=2, help="images per batch")] = 32,
     embedding: EmbeddingOpt = "heads",
+    head_weight: HeadWeightOpt = None,
     threshold: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="attribute probability threshold (metrics)")
     ] = 0.5,
@@ -291,6 +316,7 @@ def train(
         backbone=backbone or settings.backbone,
         weights=weights,
         embedding=embedding,
+        head_weights=_head_weights(head_weight),
         threshold=threshold,
         lr=lr,
         seed=seed,
@@ -314,14 +340,18 @@ def export(
     model: Annotated[Path, typer.Argument(exists=True, help="a model directory (train --out)")],
     out: Annotated[Path, typer.Option(file_okay=False, help="the new model directory")],
     embedding: EmbeddingOpt = "heads",
+    head_weight: HeadWeightOpt = None,
 ) -> None:
-    """Re-export a trained model with another served embedding (same weights, new version)."""
+    """Re-export a trained model with another served embedding or head weights (same weights,
+    new version)."""
     from fashionrec_embedder.artifact import reexport
     from fashionrec_embedder.weights import WeightsError
 
     _check_embedding(embedding)
     try:
-        config = reexport(model, out, embedding=embedding)
+        config = reexport(
+            model, out, embedding=embedding, head_weights=_head_weights(head_weight) or None
+        )
     except WeightsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
