@@ -1,7 +1,8 @@
 """A model change on the real stack: restart `fashionrec up` with another backbone and weights
 (keeping the old model loaded) and watch the inventory being re-embedded and the new index
 swapped in, while searches keep answering without a single failure. The change is from the
-paper's ResNet50 (2048-d) to the packaged EfficientNet-Lite0 (1280-d): another dimension too."""
+paper's ResNet50 (2048-d) to the packaged EfficientNet-Lite0 (regional pooling, 4160-d): another
+dimension too."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.e2e
 # Three re-embed batches for two embedder processes: a query is answered while the last batch
 # still runs, so the stream sees the old version served during the change, then the new one.
 ITEMS = 40
-OLD, NEW = "resnet50-random-s0", "efficientnet-lite0-imagenet-57934424"
+OLD, NEW = "resnet50-random-s0", "efficientnet-lite0-imagenet-57934424-reg3"
 
 
 def jpeg(img: Image.Image) -> bytes:
