@@ -99,12 +99,12 @@ def test_model_change_reembeds_and_swaps_without_failed_searches(tmp_path: Path)
             wait_until(
                 "the ingest job",
                 lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] == "completed",
-                60,
+                180,  # bounds on states, not sleeps: a loaded CI box is slow
             )
             wait_until(
                 "the first index build",
                 lambda: client.get("/v1/index").json()["items_in_index"] == ITEMS,
-                30,
+                120,
             )
             assert client.get("/v1/index").json()["model_version"] == OLD
     finally:
@@ -135,14 +135,14 @@ def test_model_change_reembeds_and_swaps_without_failed_searches(tmp_path: Path)
                     in ("completed", "failed")
                     and j
                 ),
-                60,
+                180,
             )
             assert job["kind"] == "reembed" and job["status"] == "completed", job
             assert job["done"] == job["total"] == ITEMS and job["failed"] == 0
             wait_until(
                 "the new index to be served",
                 lambda: client.get("/v1/index").json()["model_version"] == NEW,
-                30,
+                120,
             )
             info = client.get("/v1/index").json()
             assert info["pending_model_version"] is None and info["items_in_index"] == ITEMS
