@@ -66,6 +66,7 @@ class SearchStream(threading.Thread):
                 )
 
 
+@pytest.mark.timeout(900)  # two stacks, an ingest, a re-embed and two builds
 def test_model_change_reembeds_and_swaps_without_failed_searches(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     port = free_port()
