@@ -74,6 +74,7 @@ _TITLES = {
     429: "Too Many Requests",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    507: "Insufficient Storage",
 }
 
 

@@ -6,6 +6,7 @@ client's file name never reaches storage.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -18,7 +19,7 @@ import certifi
 import urllib3
 from minio import Minio
 from minio.error import S3Error
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from fashionrec_shared.files import atomic_path
@@ -46,6 +47,16 @@ class BlobNotFound(KeyError):
 
 class StorageUnavailable(ConnectionError):
     """The store cannot be reached; callers treat this as transient."""
+
+
+class StorageFull(StorageUnavailable):
+    """The store has no space (or quota) left for a write; nothing of it was kept."""
+
+
+# A full disk or an exhausted quota: the write failed as a whole (atomic_path removed the part).
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# The same from an S3 endpoint (MinIO's codes: its drives full, a bucket quota reached).
+_FULL_S3_CODES = frozenset({"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded"})
 
 
 def sha256_hex(data: bytes) -> str:
@@ -89,8 +100,13 @@ class LocalBlobStore:
         return self.root / check_key(key)
 
     def _write_atomic(self, key: str, write) -> None:  # type: ignore[no-untyped-def]
-        with atomic_path(self._path(key)) as tmp, open(tmp, "wb") as out:
-            write(out)
+        try:
+            with atomic_path(self._path(key)) as tmp, open(tmp, "wb") as out:
+                write(out)
+        except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                raise StorageFull(f"blob directory {self.root} is full: {exc.strerror}") from exc
+            raise
 
     def put(self, key: str, data: bytes) -> None:
         self._write_atomic(key, lambda out: out.write(data))
@@ -123,8 +139,13 @@ class LocalBlobStore:
             raise StorageUnavailable(f"blob directory {self.root} is not writable")
 
 
+def _is_transient(exc: BaseException) -> bool:
+    # A full store stays full for the next try: only an operator frees space.
+    return isinstance(exc, StorageUnavailable) and not isinstance(exc, StorageFull)
+
+
 _transient = retry(
-    retry=retry_if_exception_type(StorageUnavailable),
+    retry=retry_if_exception(_is_transient),
     stop=stop_after_attempt(3),
     wait=wait_exponential(multiplier=0.1, max=2),
     reraise=True,
@@ -157,6 +178,10 @@ class S3BlobStore:
             return fn(*args, **kwargs)
         except (Urllib3Error, OSError) as exc:
             raise StorageUnavailable(f"S3 endpoint unreachable: {exc}") from exc
+        except S3Error as exc:
+            if exc.code in _FULL_S3_CODES:
+                raise StorageFull(f"bucket {self.bucket!r} is full: {exc.message}") from exc
+            raise
 
     @_transient
     def ensure_bucket(self) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import psycopg2
 import redis
 from fashionrec_cli.infra import EmbeddedPostgres, EmbeddedRedis
@@ -81,3 +83,44 @@ def test_postgres_restarts_on_the_same_data_directory(tmp_path: Path) -> None:
     finally:
         sup.stop()
     assert server.exited() is not None
+
+
+def write_postmaster_pid(pgdata: Path, pid: int, socket_dir: Path, port: int = 5999) -> Path:
+    """postmaster.pid as postgres writes it (pid, data dir, start, port, socket dir, …) and the
+    lock file of its socket; returns the latter."""
+    pgdata.mkdir(parents=True, exist_ok=True)
+    socket_dir.mkdir(parents=True, exist_ok=True)
+    lines = [str(pid), str(pgdata), "1700000000", str(port), str(socket_dir), "127.0.0.1"]
+    (pgdata / "postmaster.pid").write_text("\n".join(lines) + "\n")
+    socket_lock = socket_dir / f".s.PGSQL.{port}.lock"
+    socket_lock.write_text(f"{pid}\n{pgdata}\n")
+    return socket_lock
+
+
+def test_the_lock_files_of_an_unreaped_postmaster_are_removed(tmp_path: Path) -> None:
+    """A dead postmaster not reaped yet (a zombie) still answers kill(pid, 0): without this its
+    lock files made every restart a no-op until init reaped it."""
+    child = subprocess.Popen(["true"])  # exits at once; not waited for: a zombie meanwhile
+    try:
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pgdata = tmp_path / "pgdata"
+        socket_lock = write_postmaster_pid(pgdata, child.pid, tmp_path / "sockets")
+        EmbeddedPostgres(pgdata)._clear_zombie_locks()
+        assert not (pgdata / "postmaster.pid").exists()
+        assert not socket_lock.exists()
+    finally:
+        child.wait()
+
+
+def test_the_lock_files_of_a_live_postmaster_are_kept(tmp_path: Path) -> None:
+    pgdata = tmp_path / "pgdata"
+    socket_lock = write_postmaster_pid(pgdata, os.getpid(), tmp_path / "sockets")
+    EmbeddedPostgres(pgdata)._clear_zombie_locks()
+    assert (pgdata / "postmaster.pid").exists() and socket_lock.exists()
+    # A garbled file is postgres' business, not removed here.
+    (pgdata / "postmaster.pid").write_text("not a pid\n")
+    EmbeddedPostgres(pgdata)._clear_zombie_locks()
+    assert (pgdata / "postmaster.pid").exists()

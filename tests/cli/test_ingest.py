@@ -6,23 +6,28 @@ Tests about one request per row pass `batch_size=1` (POST /v1/items); the others
 The stand-in is a real FastAPI app under uvicorn on loopback, so multipart encoding, problem+json
 bodies, retries and polling all go over HTTP. Rows steer it by SKU prefix: BAD… is refused with a
 422 problem, FAIL… fails during "embedding", FLAKY… gets two 503s first, DOWN… always 503s,
-STUCK… never finishes.
+STUCK… never finishes, LIMITED… gets two 429s (Retry-After: 1) first, THROTTLED… always 429s
+(Retry-After: 30).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import pytest
 import uvicorn
+from fashionrec_cli.client import retry_after_seconds
 from fashionrec_cli.infra import free_port
 from fashionrec_cli.ingest import IngestError, RetryPolicy, ingest, print_summary
 from fashionrec_shared.problems import ProblemError, install_problem_handlers
@@ -42,6 +47,7 @@ class StandIn:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     uploads: list[dict[str, Any]] = field(default_factory=list)
     attempts: dict[str, int] = field(default_factory=dict)
+    attempt_times: dict[str, list[float]] = field(default_factory=dict)  # monotonic, per sku
     inflight: int = 0
     max_inflight: int = 0
     batches: list[list[str]] = field(default_factory=list)  # skus of each batch request
@@ -69,6 +75,29 @@ def _job_out(job: dict[str, Any]) -> dict[str, Any]:
         "failed": job["failed"],
         "errors": job["errors"],
     }
+
+
+def _count_attempt(state: StandIn, sku: str) -> int:
+    """Count one attempt at `sku` (under the caller's lock); returns its number."""
+    state.attempts[sku] = state.attempts.get(sku, 0) + 1
+    state.attempt_times.setdefault(sku, []).append(time.monotonic())
+    return state.attempts[sku]
+
+
+def _limited(sku: str, attempt: int) -> ProblemError | None:
+    """The stand-in's rate limit: a 429 problem with Retry-After, as the gateway answers."""
+    if sku.startswith("THROTTLED"):
+        retry_after = "30"
+    elif sku.startswith("LIMITED") and attempt <= 2:
+        retry_after = "1"
+    else:
+        return None
+    return ProblemError(
+        429,
+        "Too Many Requests",
+        "rate limit exceeded: 10 per 1 second",
+        headers={"Retry-After": retry_after},
+    )
 
 
 def make_app(state: StandIn) -> FastAPI:
@@ -114,8 +143,10 @@ def make_app(state: StandIn) -> FastAPI:
             except ValidationError as exc:
                 raise ProblemError(422, "Unprocessable Content", str(exc)) from exc
             with state.lock:
-                state.attempts[meta.sku] = state.attempts.get(meta.sku, 0) + 1
-                attempt = state.attempts[meta.sku]
+                attempt = _count_attempt(state, meta.sku)
+            limited = _limited(meta.sku, attempt)
+            if limited is not None:
+                raise limited
             if meta.sku.startswith("DOWN") or (meta.sku.startswith("FLAKY") and attempt <= 2):
                 raise ProblemError(503, "Service Unavailable", "no embedder is alive")
             if meta.sku.startswith("BAD"):
@@ -150,10 +181,11 @@ def make_app(state: StandIn) -> FastAPI:
         skus = [m.sku for m in metas]
         with state.lock:
             state.batches.append(skus)
-            attempts = []
-            for sku in skus:
-                state.attempts[sku] = state.attempts.get(sku, 0) + 1
-                attempts.append(state.attempts[sku])
+            attempts = [_count_attempt(state, sku) for sku in skus]
+        for sku, attempt in zip(skus, attempts, strict=True):
+            limited = _limited(sku, attempt)
+            if limited is not None:
+                raise limited
         if any(s.startswith("FLAKY") and a <= 2 for s, a in zip(skus, attempts, strict=True)):
             raise ProblemError(503, "Service Unavailable", "no embedder is alive")
         results = []
@@ -214,6 +246,7 @@ def gateway(server: StandIn) -> StandIn:
     server.api_key = None
     server.uploads.clear()
     server.attempts.clear()
+    server.attempt_times.clear()
     server.max_inflight = 0
     server.batches.clear()
     return server
@@ -430,3 +463,67 @@ def test_batch_size_one_posts_items_one_by_one(gateway: StandIn, tmp_path: Path)
     )
     assert summary.ok and summary.uploaded == 2
     assert gateway.batches == [] and len(gateway.uploads) == 2
+
+
+def test_429_is_retried_after_its_retry_after(gateway: StandIn, tmp_path: Path) -> None:
+    """Over the gateway's rate limit: the request is sent again once Retry-After (1 s) has
+    passed, not after the (much shorter) backoff; one item at a time and a whole batch."""
+    path = write_catalogue(tmp_path, ["OK1", "LIMITED1", "OK2"])
+    summary = ingest(
+        path,
+        tmp_path / "images",
+        gateway.url,
+        batch_size=1,
+        poll_interval_s=0.01,
+        retry=FAST_RETRY,
+        progress=False,
+    )
+    assert summary.ok and summary.uploaded == 3 and summary.done == 3
+    times = gateway.attempt_times["LIMITED1"]
+    assert len(times) == 3  # two 429s, then accepted
+    assert all(later - earlier >= 0.95 for earlier, later in itertools.pairwise(times)), times
+    assert gateway.attempts["OK1"] == 1
+
+    gateway.attempt_times.clear()
+    path = write_catalogue(tmp_path / "batch", ["OK3", "LIMITED2"])
+    summary = ingest(
+        path, tmp_path / "batch" / "images", gateway.url, poll_interval_s=0.01,
+        retry=FAST_RETRY, progress=False,
+    )  # fmt: skip
+    assert summary.ok and summary.uploaded == 2
+    assert gateway.batches[-3:] == [["OK3", "LIMITED2"]] * 3  # resent whole
+    times = gateway.attempt_times["LIMITED2"]
+    assert all(later - earlier >= 0.95 for earlier, later in itertools.pairwise(times)), times
+
+
+def test_persistent_429_becomes_a_rejection_and_long_retry_after_is_capped(
+    gateway: StandIn, tmp_path: Path
+) -> None:
+    path = write_catalogue(tmp_path, ["THROTTLED1", "OK1"])
+    policy = RetryPolicy(attempts=3, initial_wait_s=0.01, max_wait_s=0.02, max_retry_after_s=0.2)
+    started = time.monotonic()
+    summary = ingest(
+        path, tmp_path / "images", gateway.url, batch_size=1, retry=policy, progress=False,
+        wait=False,
+    )  # fmt: skip
+    assert time.monotonic() - started < 10  # Retry-After: 30, capped at 0.2 s per wait
+    assert gateway.attempts["THROTTLED1"] == policy.attempts
+    times = gateway.attempt_times["THROTTLED1"]
+    assert all(later - earlier >= 0.19 for earlier, later in itertools.pairwise(times)), times
+    assert [(r.sku, r.status, r.reason) for r in summary.rejected] == [
+        ("THROTTLED1", 429, "rate limit exceeded: 10 per 1 second")
+    ]
+    assert summary.uploaded == 1
+
+
+def test_retry_after_as_seconds_or_http_date() -> None:
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+    def answer(value: str | None) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": value} if value is not None else {})
+
+    assert retry_after_seconds(answer("7"), now) == 7.0
+    assert retry_after_seconds(answer("Fri, 02 Jan 2026 03:04:15 GMT"), now) == 10.0
+    assert retry_after_seconds(answer("Fri, 02 Jan 2026 03:00:00 GMT"), now) == 0.0  # past
+    assert retry_after_seconds(answer("soon"), now) is None
+    assert retry_after_seconds(answer(None), now) is None

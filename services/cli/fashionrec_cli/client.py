@@ -4,16 +4,19 @@ Every call returns a model of `fashionrec_shared.schemas` (the contract the gate
 raises a `GatewayError`: `GatewayUnreachable` when no answer came, `GatewayProblem` for an error
 answer (its RFC 9457 problem document, parsed in one place), `UnexpectedAnswer` when the body
 does not follow the contract. With a `RetryPolicy`, connection errors (where the request cannot
-have been processed) and 503 are retried with exponential backoff; nothing else is, since any
-other answer is the server's verdict.
+have been processed), 503 (a dependency is down) and 429 (a rate limit) are retried: after the
+answer's `Retry-After` where it has one (capped by the policy), else with exponential backoff.
+Nothing else is, since any other answer is the server's verdict.
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
 import mimetypes
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -28,10 +31,18 @@ from fashionrec_shared.schemas import (
     SearchResponse,
 )
 from pydantic import BaseModel, ValidationError
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8000"
-_RETRY_STATUS = 503
+# A dependency of the gateway is down (503), or this client is over a rate limit (429): both
+# say to try again later, and the gateway says when (Retry-After).
+_RETRY_STATUSES = frozenset({429, 503})
 # Connection-level failures where the request cannot have been processed: safe to resend.
 _RETRY_EXCEPTIONS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
@@ -94,7 +105,24 @@ def parse_problem(response: httpx.Response) -> Problem:
 class RetryPolicy:
     attempts: int = 5
     initial_wait_s: float = 0.5
-    max_wait_s: float = 8.0
+    max_wait_s: float = 8.0  # of the exponential backoff (answers without Retry-After)
+    max_retry_after_s: float = 60.0  # the longest Retry-After honoured as it is
+
+
+def retry_after_seconds(response: httpx.Response, now: datetime | None = None) -> float | None:
+    """The answer's Retry-After in seconds (delay-seconds or an HTTP date); None without one."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 @dataclass(frozen=True)
@@ -246,17 +274,27 @@ class GatewayClient:
     def _send_retrying(
         request: Callable[[], httpx.Response], policy: RetryPolicy
     ) -> httpx.Response:
+        backoff = wait_exponential(multiplier=policy.initial_wait_s, max=policy.max_wait_s)
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome is not None else None
+            if isinstance(error, _Retryable):
+                after = retry_after_seconds(error.response)
+                if after is not None:
+                    return min(after, policy.max_retry_after_s)
+            return backoff(state)
+
         retrying = Retrying(
             retry=retry_if_exception(lambda e: isinstance(e, (*_RETRY_EXCEPTIONS, _Retryable))),
             stop=stop_after_attempt(policy.attempts),
-            wait=wait_exponential(multiplier=policy.initial_wait_s, max=policy.max_wait_s),
+            wait=wait,
             reraise=True,
         )
         try:
             for attempt in retrying:
                 with attempt:
                     response = request()
-                    if response.status_code == _RETRY_STATUS:
+                    if response.status_code in _RETRY_STATUSES:
                         raise _Retryable(response)
                     return response
         except _Retryable as exc:

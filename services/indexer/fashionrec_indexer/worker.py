@@ -9,11 +9,14 @@ poison-message guard included, is `fashionrec_shared.task_base.PolicyTask`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery, Task
+from celery.beat import PersistentScheduler
 from fashionrec_shared.celery_app import make_celery, send
 from fashionrec_shared.storage import BlobStore, StorageUnavailable, make_blob_store
 from fashionrec_shared.task_base import PolicyTask, ProcessResources, poison_reason, policy_task
@@ -36,6 +39,35 @@ from fashionrec_indexer.ingest import give_up, store_embeddings
 from fashionrec_indexer.model_change import Plan, model_online
 from fashionrec_indexer.settings import IndexerSettings
 from fashionrec_indexer.sweep import sweep_pending
+
+log = logging.getLogger("fashionrec.indexer.worker")
+
+
+class RecoveringScheduler(PersistentScheduler):
+    """Celery's file-backed beat schedule, started afresh when its file is corrupt.
+
+    Celery recovers from some corruptions of the file only: one whose keys still list but whose
+    values no longer unpickle raises out of `setup_schedule`, which ends the embedded beat
+    process while the worker runs on, so timed rebuilds and pending sweeps stop without a sign
+    (and `fashionrec up` sees a live worker). The file holds only the last run times, so
+    starting afresh costs at most one run of each entry that comes early or late.
+    """
+
+    def setup_schedule(self) -> None:
+        try:
+            super().setup_schedule()
+        except Exception as exc:
+            log.warning(
+                "beat schedule %s is unreadable (%r); starting a fresh one",
+                self.schedule_filename,
+                exc,
+            )
+            if self._store is not None:
+                with contextlib.suppress(Exception):
+                    self._store.close()
+                self._store = None
+            self._remove_db()
+            super().setup_schedule()
 
 
 class IndexerTask(PolicyTask):
@@ -150,6 +182,7 @@ def create_worker_app(settings: IndexerSettings) -> Celery:
         },
     }
     app.conf.beat_schedule_filename = str(Path(settings.index_dir) / "celerybeat-schedule")
+    app.conf.beat_scheduler = RecoveringScheduler
 
     resources.serve(app)
 

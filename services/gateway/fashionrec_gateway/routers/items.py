@@ -76,7 +76,7 @@ def parse_metadata(raw: str) -> ItemMetadata:
     status_code=202,
     response_model=ItemAccepted,
     summary="Add or replace (same sku) an item; its embedding is computed asynchronously",
-    responses=problems(401, 404, 413, 415, 422, 429, 502, 503, 504),
+    responses=problems(401, 404, 413, 415, 422, 429, 502, 503, 504, 507),
     dependencies=[WriteLimitDep, ApiKeyDep, single_parts("image", "metadata")],
 )
 def add_item(
@@ -116,7 +116,7 @@ def add_item(
         "whole (metadata not a list, counts differ, too many items, unknown job, storage or "
         "indexer down) are problem+json answers and nothing is stored."
     ),
-    responses=problems(401, 404, 413, 422, 429, 502, 503, 504),
+    responses=problems(401, 404, 413, 422, 429, 502, 503, 504, 507),
     dependencies=[WriteLimitDep, ApiKeyDep, single_parts("metadata")],
 )
 def add_items_batch(

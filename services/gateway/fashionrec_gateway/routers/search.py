@@ -108,7 +108,7 @@ def _record_embed(timer: StageTimer, result: EmbedQueryResult, round_trip_s: flo
     "/search",
     response_model=SearchResponse,
     summary="Find the k inventory items that look most like the photo",
-    responses=problems(409, 413, 415, 422, 429, 502, 503, 504),
+    responses=problems(409, 413, 415, 422, 429, 502, 503, 504, 507),
     dependencies=[SearchLimitDep, single_parts("image")],
 )
 def search(
