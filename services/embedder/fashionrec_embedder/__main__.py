@@ -9,7 +9,6 @@ from typing import Annotated
 import numpy as np
 import typer
 from fashionrec_shared.logging_setup import configure_logging
-from fashionrec_shared.tasks import Queue
 from pydantic import ValidationError
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="fashionrec embedder")
@@ -61,9 +60,10 @@ def worker(
         typer.Option(help="auto | global | regional: how a plain backbone pools its features"),
     ] = None,
 ) -> None:
-    """Run the Celery worker on queue `embed` (prefork; each process loads the model once)."""
+    """Run the Celery worker on queue `embed` (each process loads the model once; with one
+    process it batches concurrent tasks' images, see FASHIONREC_EMBEDDER_BATCHING)."""
     from fashionrec_embedder.weights import WeightsError, ensure_available, parse_weights
-    from fashionrec_embedder.worker import create_worker_app
+    from fashionrec_embedder.worker import create_worker_app, worker_argv
 
     # The worker processes get these settings by forking (create_worker_app closes over them).
     settings = _settings(
@@ -92,21 +92,8 @@ def worker(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     app = create_worker_app(settings)
-    app.worker_main(
-        [
-            "worker",
-            "-Q",
-            Queue.EMBED.value,
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(settings.concurrency),
-            "-n",
-            "embedder@%h",
-            "--loglevel",
-            (loglevel or settings.log_level).upper(),
-        ]
-    )
+    # Batching (one model process): the threads pool; else prefork (worker.worker_argv).
+    app.worker_main(worker_argv(settings, loglevel or settings.log_level))
 
 
 @cli.command()

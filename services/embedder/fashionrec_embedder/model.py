@@ -227,11 +227,13 @@ class Embedder:
             self.reset_stages()
             self.load_seconds = time.perf_counter() - started
             log.info(
-                "model %s (backbone %s, weights %s) loaded on %s/%s %s in %.2fs (threads=%d, "
-                "batch_size=%d, image_size=%d, decode_threads=%d)",
+                "model %s (backbone %s, weights %s, %s pooling, %d-d) loaded on %s/%s %s in "
+                "%.2fs (threads=%d, batch_size=%d, image_size=%d, decode_threads=%d)",
                 self.model_version,
                 self.backbone.name,
                 self.source.label,
+                self.pooling,
+                self.dim,
                 device,
                 name,
                 self.precision,
@@ -336,14 +338,21 @@ class Embedder:
         sources: Sequence[Source],
         *,
         catch: tuple[type[BaseException], ...] = (ValueError,),
+        run: Callable[[np.ndarray], list[Embedded]] | None = None,
     ) -> list[Embedded | BaseException]:
-        """`embed_sources`, with each image's predictions (a trained model's heads) too."""
+        """`embed_sources`, with each image's predictions (a trained model's heads) too.
+
+        `run` infers one stacked batch (default: this model, now); the worker's dynamic
+        batching passes one that shares the model call with other tasks' images
+        (batching.py)."""
         if self._model is None:
             raise ModelNotLoaded("call load() before embed()")
+        run = run or self._run
         results: list[Embedded | BaseException] = [None] * len(sources)  # type: ignore[list-item]
         size = self.settings.batch_size
         chunks = [range(i, min(i + size, len(sources))) for i in range(0, len(sources), size)]
-        pool = self._decode_pool()
+        # One image has nothing to overlap with: prepare it on the calling thread.
+        pool = self._decode_pool() if len(sources) > 1 else None
         prepare = functools.partial(self._prepare_one, catch=catch)
 
         def start(chunk: range) -> list[Future[np.ndarray | BaseException]]:
@@ -367,7 +376,7 @@ class Embedder:
                 if not isinstance(a, np.ndarray):
                     results[i] = a
             if good:
-                embedded = self._run(np.stack([a for _, a in good]))
+                embedded = run(np.stack([a for _, a in good]))
                 for (i, _), one in zip(good, embedded, strict=True):
                     results[i] = one
         return results

@@ -63,6 +63,21 @@ class EmbedderSettings(ServiceSettings):
     calibration_images: int = Field(default=64, ge=8, le=4096)
     # The gateway's limit (a shared contract); re-checked because the embedder decodes blobs itself.
     max_image_pixels: int = Field(default=MAX_IMAGE_PIXELS, ge=1)
+    # Dynamic batching (batching.py): the images of concurrent embed tasks (queries and single
+    # items) share one model call. On with one model process per worker (concurrency 1): the
+    # worker runs Celery's threads pool with `batch_tasks` tasks in flight. Off (or with
+    # concurrency > 1): prefork, one task at a time per process, prefetch 1. None (auto): on
+    # for a GPU, off on CPU, where it measured no faster (benchmarks/batching.py: decoding, not
+    # the model call, bounds a 2-core machine) and prefork keeps a crash in a child.
+    batching: bool | None = None
+    # How long a batch is held open for more images, from its oldest image's arrival, while
+    # another task of the process is still preparing its images (a lone request never waits).
+    batch_window_ms: float = Field(default=10.0, ge=0, le=1000)
+    # Tasks in flight per batching worker (threads; also the prefetch). None: 2 x batch_size,
+    # so one batch's images are decoded while the previous batch is inferred.
+    batch_tasks: int | None = Field(default=None, ge=1, le=1024)
+    # Multi-item tasks (bulk ingestion, re-embedding) embedded at once by a batching worker.
+    bulk_tasks: int = Field(default=2, ge=1, le=64)
 
     @field_validator("cache_dir")
     @classmethod

@@ -10,6 +10,15 @@ poison-message guard included, is `fashionrec_shared.task_base.PolicyTask`.
 Task bodies are plain functions (`embed_query`, `embed_items`) taking a `WorkerContext`, so tests
 run them against real storage and Redis without a worker.
 
+Dynamic batching (batching.py; on by default with one model process per worker): the worker
+runs Celery's threads pool with `batch_tasks` tasks in flight in the process that holds the
+model; each task prepares its images in its own thread and hands them to the process's
+`Batcher`, which gathers the images of concurrent tasks (queries first) into one model call.
+Every task still goes through Celery's own tracer and `PolicyTask` (acks late, retries,
+delivery counting); `BatchingEmbedderTask` adds the suspect rule for redelivered messages.
+With batching off, or with several processes (`concurrency` > 1), the worker is prefork with
+one task at a time per process.
+
 Model changes: besides its primary model (`weights`) a process may hold the previous ones
 (`previous_weights`). Queries are embedded with the version the live index serves when it is
 loaded; items without a requested version are embedded with every loaded model, so they are
@@ -36,8 +45,21 @@ import numpy as np
 import redis
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
-from fashionrec_shared.celery_app import make_celery, send
-from fashionrec_shared.keys import EMBEDDER_ALIVE_TTL_S, embedder_alive_key
+from celery.signals import (
+    task_received,
+    task_rejected,
+    task_revoked,
+    worker_init,
+    worker_shutdown,
+)
+from celery.worker.request import Request
+from fashionrec_shared.celery_app import HARD_TIME_LIMIT, make_celery, send
+from fashionrec_shared.keys import (
+    DELIVERIES_TTL_S,
+    EMBEDDER_ALIVE_TTL_S,
+    deliveries_key,
+    embedder_alive_key,
+)
 from fashionrec_shared.storage import (
     BlobNotFound,
     BlobStore,
@@ -60,13 +82,15 @@ from fashionrec_shared.tasks import (
     ItemEmbedding,
     ItemFailure,
     ModelOnline,
+    Queue,
     StoreEmbeddings,
     TaskName,
 )
 from fashionrec_shared.vectors import encode_vector
 from PIL import Image
 
-from fashionrec_embedder.model import Embedder
+from fashionrec_embedder.batching import Batcher, Priority, batching_active, worker_tasks
+from fashionrec_embedder.model import Embedded, Embedder
 from fashionrec_embedder.preprocess import decode_image
 from fashionrec_embedder.settings import EmbedderSettings
 
@@ -81,11 +105,118 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 HEARTBEAT_INTERVAL_S = 10.0
 
+# Infers one stacked batch of preprocessed images; per model (dynamic batching, batching.py).
+RunBatch = Callable[[np.ndarray], list[Embedded]]
+RunFor = Callable[[Embedder], RunBatch]
+
 
 class EmbedderTask(PolicyTask):
     """The embedder's tasks: retried on storage and broker connection errors."""
 
     autoretry_for = TRANSIENT_ERRORS
+
+
+# KEYS[1] the delivery counter, ARGV retries and TTL: deliveries counted before (net of retries)
+# mean a redelivery (0 is returned, nothing counted); else the counter after counting this one.
+_COUNT_FIRST_DELIVERY = """
+local counted = tonumber(redis.call('GET', KEYS[1]) or '0')
+if counted - tonumber(ARGV[1]) > 0 then return 0 end
+counted = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return counted
+"""
+
+
+class BatchingEmbedderTask(EmbedderTask):
+    """The embedder's tasks in a batching worker (threads pool; batching.py).
+
+    A message delivered anew (its earlier delivery never finished: the worker died) is a
+    suspect: it runs only while no other suspect of this process runs, in model batches of its
+    own rows, and its delivery is counted once it runs. So the suspects waiting beside one that
+    kills the worker again are not counted, and only the poison message reaches MAX_DELIVERIES.
+    `create_worker_app` subclasses it per app with that app's `batcher`.
+    """
+
+    batcher: Batcher
+    Request = "fashionrec_embedder.worker:BatchingRequest"
+
+    def deliver(self, body: Any, raw: Any) -> Any:
+        with self.batcher.task(self.request.id):
+            try:
+                return super().deliver(body, raw)
+            finally:
+                if self.request.is_eager:  # no message to acknowledge: give the turn back now
+                    self.batcher.release_suspect()
+
+    def count_delivery(self) -> int | None:
+        """Count this delivery; a redelivered message is counted only once its suspect turn
+        comes (the turn is given back when the message is acknowledged: BatchingRequest)."""
+        request = self.request
+        if request.called_directly or not request.id:
+            return None
+        if self._deliveries_pid != os.getpid():
+            self._deliveries_redis = redis.Redis.from_url(self.app.conf.broker_url)
+            self._deliveries_pid = os.getpid()
+        assert self._deliveries_redis is not None
+        retries = request.retries or 0
+        # One atomic step: a first delivery is counted at once; a redelivery is not (yet), so
+        # a suspect running now that kills the process cannot take this one's count with it.
+        counted = self._deliveries_redis.eval(
+            _COUNT_FIRST_DELIVERY, 1, deliveries_key(request.id), retries, DELIVERIES_TTL_S
+        )
+        if int(counted) > 0:
+            return int(counted) - retries
+        self.batcher.acquire_suspect(timeout=float(self.time_limit or HARD_TIME_LIMIT))
+        request.fashionrec_suspect = True
+        return super().count_delivery()
+
+    def batched(self, priority: Priority) -> RunFor:
+        """How this task's rows reach the model: through the batcher, in priority order."""
+        isolated = bool(getattr(self.request, "fashionrec_suspect", False))
+        deadline = time.monotonic() + self.soft_time_limit if self.soft_time_limit else None
+        order = self.batcher.next_order()
+        label = self.request.id or ""
+
+        def run_for(model: Embedder) -> RunBatch:
+            return self.batcher.runner(
+                model,
+                priority=priority,
+                order=order,
+                isolated=isolated,
+                deadline=deadline,
+                label=label,
+            )
+
+        return run_for
+
+
+class BatchingRequest(Request):
+    """A batching worker's task request: gives the suspect turn back once the message is
+    acknowledged or rejected (the pool thread that ran the task does both)."""
+
+    # The worker's event loop sends the acknowledgement soon after; wait for it (bounded).
+    ACK_WAIT_S = 5.0
+
+    def acknowledge(self) -> None:
+        try:
+            super().acknowledge()
+        finally:
+            self._release_when_done()
+
+    def reject(self, requeue: bool = False) -> None:
+        try:
+            super().reject(requeue=requeue)
+        finally:
+            self._release_when_done()
+
+    def _release_when_done(self) -> None:
+        batcher = self.task.batcher
+        if not batcher.holds_suspect_turn():
+            return
+        deadline = time.monotonic() + self.ACK_WAIT_S
+        while not self._message.acknowledged and time.monotonic() < deadline:
+            time.sleep(0.001)
+        batcher.release_suspect()
 
 
 class ImageMismatch(ValueError):
@@ -314,8 +445,15 @@ def _valid_vector(vector: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(vector))) and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3
 
 
-def embed_query(context: WorkerContext, payload: EmbedQuery | dict[str, Any]) -> dict[str, Any]:
-    """EMBED_QUERY: one stored query image → EmbedQueryResult (as a dict)."""
+def embed_query(
+    context: WorkerContext,
+    payload: EmbedQuery | dict[str, Any],
+    *,
+    run_for: RunFor | None = None,
+) -> dict[str, Any]:
+    """EMBED_QUERY: one stored query image → EmbedQueryResult (as a dict).
+
+    `run_for(model)` infers the preprocessed image (dynamic batching); default: the model now."""
     request = EmbedQuery.model_validate(payload)
     # The version the index serves if this process holds it, else the primary (the indexer
     # answers 409 naming its version and the gateway asks again).
@@ -325,7 +463,11 @@ def embed_query(context: WorkerContext, payload: EmbedQuery | dict[str, Any]) ->
     t1 = time.perf_counter()
     image = decode_image_checked(context, request.image, data)
     t2 = time.perf_counter()
-    embedded = model.embed_image(image)
+    if run_for is None:
+        embedded = model.embed_image(image)
+    else:
+        (embedded,) = model.embed_and_predict([lambda: image], catch=(), run=run_for(model))
+        assert isinstance(embedded, Embedded)
     vector = embedded.vector
     t3 = time.perf_counter()
     if not _valid_vector(vector):
@@ -390,6 +532,7 @@ def embed_items(
     *,
     store_results: Callable[[StoreEmbeddings], object],
     final: bool = True,
+    run_for: RunFor | None = None,
 ) -> dict[str, Any]:
     """EMBED_ITEMS: embed inventory images in batches, then hand results to the indexer.
 
@@ -398,6 +541,7 @@ def embed_items(
     undecodable image) become ItemFailure; transient storage or broker errors propagate so
     Celery retries the whole (idempotent) task. A requested version this process does not hold
     raises VersionNotLoaded (another process may hold it) unless `final`: then the items fail.
+    `run_for(model)` infers each batch (dynamic batching); default: the model itself.
     """
     request = EmbedItems.model_validate(payload)
     items = request.items
@@ -422,7 +566,11 @@ def embed_items(
             # The model's pipeline fetches and decodes the next batch on its decode threads
             # while the current one is inferred.
             sources = [functools.partial(load_image, context, item.image) for item in chunk]
-            outcomes = model.embed_and_predict(sources, catch=(BlobNotFound, ValueError))
+            outcomes = model.embed_and_predict(
+                sources,
+                catch=(BlobNotFound, ValueError),
+                run=run_for(model) if run_for is not None else None,
+            )
             for item, outcome in zip(chunk, outcomes, strict=True):
                 if isinstance(outcome, BlobNotFound):
                     failures.append(_failure(item, f"image not found in storage: {item.image.key}"))
@@ -475,16 +623,97 @@ def embed_items(
 # ---- Celery app -----------------------------------------------------------------------------
 
 
+class BatchingWorker:
+    """What a batching worker adds to its app: the batcher, and resources opened in the worker
+    process itself (the threads pool forks no children, so worker_process_init never comes)."""
+
+    def __init__(self, app: Celery, resources: EmbedderResources, batcher: Batcher) -> None:
+        self.app, self.resources, self.batcher = app, resources, batcher
+        # Weak references (the default): the handlers live as long as this object, which the
+        # app holds.
+        worker_init.connect(self._worker_init)
+        worker_shutdown.connect(self._worker_shutdown)
+        task_received.connect(self._received)
+        task_revoked.connect(self._dropped)
+        task_rejected.connect(self._dropped_message)
+
+    def _ours(self, request: Any) -> bool:
+        task = getattr(request, "task", None)
+        return getattr(task, "app", None) is self.app and getattr(task, "batcher", None) is not None
+
+    def _received(self, request: Any = None, **_: Any) -> None:
+        # Received by the consumer; its pool thread may start a little later. Tasks due later
+        # (a retry's countdown) are not expected now.
+        if request is not None and self._ours(request) and not request.eta:
+            self.batcher.expect(request.id)
+
+    def _dropped(self, request: Any = None, **_: Any) -> None:
+        if request is not None and self._ours(request):
+            self.batcher.forget(request.id)
+
+    def _dropped_message(self, message: Any = None, **_: Any) -> None:
+        task_id = getattr(message, "headers", {}).get("id") if message is not None else None
+        if task_id:
+            self.batcher.forget(task_id)
+
+    def _mine(self, sender: Any) -> bool:
+        if getattr(sender, "app", None) is not self.app:
+            return False
+        pool = getattr(sender, "pool_cls", "")
+        name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__qualname__}"
+        return "thread" in name.lower()
+
+    def _worker_init(self, sender: Any = None, **_: Any) -> None:
+        if self._mine(sender):
+            # Load the model before consuming: the first task must not wait for it, and the
+            # heartbeat (what /readyz counts) means "ready".
+            self.resources.ensure()
+
+    def _worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        if self._mine(sender):
+            self.batcher.stop()
+            log.info("batching: %s", json.dumps(self.batcher.stats.snapshot()))
+            self.resources.release()
+
+
+def worker_argv(settings: EmbedderSettings, loglevel: str) -> list[str]:
+    """Celery worker arguments: the threads pool of a batching worker, else prefork."""
+    if batching_active(settings):
+        pool, concurrency = "threads", worker_tasks(settings)
+    else:
+        pool, concurrency = "prefork", settings.concurrency
+    return [
+        "worker",
+        "-Q",
+        Queue.EMBED.value,
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "-n",
+        "embedder@%h",
+        "--loglevel",
+        loglevel.upper(),
+    ]
+
+
 def create_worker_app(
     settings: EmbedderSettings, *, resources: EmbedderResources | None = None
 ) -> Celery:
     """The embedder's Celery app with both tasks registered (sent by name from other services).
 
     The tasks close over `resources` (default: built in each worker process from `settings`,
-    which the parent passes to its children by forking, never through the environment)."""
+    which the parent passes to its children by forking, never through the environment). With
+    batching (`batching_active`) they hand their images to one `Batcher` per app."""
     app = make_celery("fashionrec_embedder", settings.broker)
     resources = resources or EmbedderResources(settings)
     resources.serve(app)
+    base: type[EmbedderTask] = EmbedderTask
+    batcher: Batcher | None = None
+    if batching_active(settings):
+        batcher = Batcher(window_s=settings.batch_window_ms / 1000, bulk_tasks=settings.bulk_tasks)
+        base = type("AppBatchingEmbedderTask", (BatchingEmbedderTask,), {"batcher": batcher})
+        app.fashionrec_batching = BatchingWorker(app, resources, batcher)  # type: ignore[attr-defined]
 
     def store_results(result: StoreEmbeddings) -> None:
         send(app, TaskName.STORE_EMBEDDINGS, result)
@@ -496,22 +725,29 @@ def create_worker_app(
             resources.get(), request, reason, store_results=store_results, poison=True
         )
 
-    @policy_task(app, TaskName.EMBED_QUERY, base=EmbedderTask, payload=EmbedQuery)
+    @policy_task(app, TaskName.EMBED_QUERY, base=base, payload=EmbedQuery)
     def embed_query_task(task: Task, request: EmbedQuery) -> dict[str, Any]:
-        return embed_query(resources.get(), request)
+        if batcher is None:
+            return embed_query(resources.get(), request)
+        return embed_query(resources.get(), request, run_for=task.batched(Priority.QUERY))
 
-    @policy_task(
-        app, TaskName.EMBED_ITEMS, base=EmbedderTask, payload=EmbedItems, on_poison=give_up_items
-    )
+    @policy_task(app, TaskName.EMBED_ITEMS, base=base, payload=EmbedItems, on_poison=give_up_items)
     def embed_items_task(task: Task, request: EmbedItems) -> dict[str, Any]:
         retries = task.request.retries or 0
+        bulk = (
+            batcher.bulk_slot()
+            if batcher is not None and len(request.items) > 1
+            else contextlib.nullcontext()
+        )
         try:
-            return embed_items(
-                resources.get(),
-                request,
-                store_results=store_results,
-                final=retries >= VERSION_RETRIES,
-            )
+            with bulk:
+                return embed_items(
+                    resources.get(),
+                    request,
+                    store_results=store_results,
+                    final=retries >= VERSION_RETRIES,
+                    run_for=task.batched(Priority.ITEMS) if batcher is not None else None,
+                )
         except VersionNotLoaded as exc:
             # Back on the queue for a process that holds the version (a rolling deploy).
             raise task.retry(
