@@ -78,6 +78,14 @@ class PolicyTask(Task):
         if any(error in (Exception, BaseException) for error in cls.autoretry_for):
             raise TypeError(f"{cls.__name__}: retry only transient errors, never Exception")
 
+    def deliveries_redis(self) -> redis.Redis:
+        """The delivery counters' client: the broker's Redis, one client per process (made
+        after the fork)."""
+        if self._deliveries_redis is None or self._deliveries_pid != os.getpid():
+            self._deliveries_redis = redis.Redis.from_url(self.app.conf.broker_url)
+            self._deliveries_pid = os.getpid()
+        return self._deliveries_redis
+
     def count_delivery(self) -> int | None:
         """Count this delivery; the count net of retries, None without a message (direct call).
 
@@ -86,12 +94,8 @@ class PolicyTask(Task):
         request = self.request
         if request.called_directly or not request.id:
             return None
-        if self._deliveries_pid != os.getpid():
-            self._deliveries_redis = redis.Redis.from_url(self.app.conf.broker_url)
-            self._deliveries_pid = os.getpid()
-        assert self._deliveries_redis is not None
         key = deliveries_key(request.id)
-        pipe = self._deliveries_redis.pipeline()
+        pipe = self.deliveries_redis().pipeline()
         pipe.incr(key)
         pipe.expire(key, DELIVERIES_TTL_S)
         total, _ = pipe.execute()

@@ -45,7 +45,7 @@ from fashionrec_cli.synthetic import generate_catalog, write_catalog
 from PIL import Image
 
 from tests.conftest import private_dir
-from tests.e2e.conftest import clean_env, start_up, stop_up, wait_ready
+from tests.e2e.conftest import clean_env, processes_using, start_up, stop_up, wait_ready
 
 INJECT_DIR = Path(__file__).parent / "inject"
 BLOBS_TMPFS_MB = 64
@@ -102,19 +102,6 @@ def noisy_png(side: int, seed: int) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, "PNG")
     return out.getvalue()
-
-
-def processes_using(path: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "environ"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            environ = proc.info["environ"] or {}
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if str(path) in cmdline or any(str(path) in v for v in environ.values()):
-            found.append(proc)
-    return found
 
 
 def _mount_tmpfs(path: Path, size_mb: int) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from fashionrec_cli.infra import free_port
 from fashionrec_shared.storage import S3BlobStore
@@ -117,3 +118,17 @@ def stack(
         )
     finally:
         stop_up(process)
+
+
+def processes_using(path: Path) -> list[psutil.Process]:
+    """Processes whose command line or environment names `path` (a stack's data directory)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            environ = proc.info["environ"] or {}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if str(path) in cmdline or any(str(path) in v for v in environ.values()):
+            found.append(proc)
+    return found

@@ -20,22 +20,9 @@ import pytest
 from fashionrec_cli.infra import free_port
 from PIL import Image
 
-from tests.e2e.conftest import clean_env, start_up, stop_up, wait_ready
+from tests.e2e.conftest import clean_env, processes_using, start_up, stop_up, wait_ready
 
 pytestmark = pytest.mark.e2e
-
-
-def processes_using(path: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "environ"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            environ = proc.info["environ"] or {}
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if str(path) in cmdline or any(str(path) in v for v in environ.values()):
-            found.append(proc)
-    return found
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> None:

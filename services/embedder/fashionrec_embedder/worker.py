@@ -154,14 +154,10 @@ class BatchingEmbedderTask(EmbedderTask):
         request = self.request
         if request.called_directly or not request.id:
             return None
-        if self._deliveries_pid != os.getpid():
-            self._deliveries_redis = redis.Redis.from_url(self.app.conf.broker_url)
-            self._deliveries_pid = os.getpid()
-        assert self._deliveries_redis is not None
         retries = request.retries or 0
         # One atomic step: a first delivery is counted at once; a redelivery is not (yet), so
         # a suspect running now that kills the process cannot take this one's count with it.
-        counted = self._deliveries_redis.eval(
+        counted = self.deliveries_redis().eval(
             _COUNT_FIRST_DELIVERY, 1, deliveries_key(request.id), retries, DELIVERIES_TTL_S
         )
         if int(counted) > 0:
