@@ -14,6 +14,7 @@ the trees' space.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from fashionrec_indexer.manifest import IndexManifest
 
 PROJECTION_FILE = "projection.npy"
 MANIFEST = "manifest.json"
+
+log = logging.getLogger("fashionrec.indexer.index_files")
 
 
 class IndexCorrupt(RuntimeError):
@@ -81,12 +84,26 @@ def _verified(directory: Path, manifest: IndexManifest) -> bool:
     )
 
 
+def _cached_manifest_intact(directory: Path, manifest: IndexManifest) -> bool:
+    """open_build reads the cached manifest.json, so it is checked too: against the store's."""
+    try:
+        return (directory / MANIFEST).read_text() == manifest.dumps()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def fetch(store: BlobStore, build_id: str, cache_dir: Path) -> Path:
     """Download a build into cache_dir/{build_id}/ unless a verified copy is already there."""
     directory = cache_dir / build_id
     manifest = IndexManifest.from_json(store.get(object_key(build_id, MANIFEST)))
-    if directory.is_dir() and _verified(directory, manifest):
-        return directory
+    if directory.is_dir():
+        if _verified(directory, manifest) and _cached_manifest_intact(directory, manifest):
+            return directory
+        log.warning(
+            "index build %s: the cached copy in %s fails its checksums; fetching it again",
+            build_id,
+            directory,
+        )
     staging = cache_dir / f".{build_id}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
