@@ -21,7 +21,7 @@ from fashionrec_shared.vectors import encode_vector
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from tests.indexer.conftest import DIM, MODEL, add_item, image_for, random_vectors
+from tests.indexer.conftest import DIM, MODEL, SCORE_ATOL, add_item, image_for, random_vectors
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_search_similar_delete_and_index(
     assert response["index_version"] == manifest["build_id"]
     results = response["results"]
     assert results[0]["item_id"] == str(ids[2])
-    assert len(results) == 4 and results[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert len(results) == 4 and results[0]["score"] == pytest.approx(1.0, abs=SCORE_ATOL)
     assert results[0]["image"] == image_for("S2").model_dump()
 
     similar = client.get(f"/items/{ids[2]}/similar", params={"k": 3}).json()["results"]

@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fashionrec_indexer import repository as repo
 from fashionrec_indexer.builder import build_index
-from fashionrec_indexer.index_files import fetch, open_build
+from fashionrec_indexer.index_files import fetch
+from fashionrec_indexer.loaded_index import open_build
 from fashionrec_shared.storage import LocalBlobStore
 from sqlalchemy import Engine
 
@@ -37,10 +39,32 @@ def test_build_publishes_manifest_with_checksums(
 
     loaded = open_build(fetch(store, manifest["build_id"], tmp_path / "cache"))
     assert loaded.size == 20 and loaded.vectors.shape == (20, DIM)
-    assert loaded.vectors.dtype == np.float32
+    assert manifest["format"] == 2 and manifest["vector_dtype"] == "float16"
+    assert loaded.vectors.dtype == np.float16
     position = loaded.positions[ids[3]]
-    np.testing.assert_allclose(loaded.vectors[position], vectors[3], atol=1e-6)
+    np.testing.assert_allclose(loaded.vectors[position], vectors[3], atol=1e-3)
     assert loaded.annoy.get_n_items() == 20
+    assert sorted(loaded.ids) == sorted(ids) and loaded.ids[position] == ids[3]
+    assert loaded.categories.label(position) == "c" and loaded.prices[position] == 3
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [("float32", 1e-6), ("float16", 1e-3), ("int8", 1e-2)])
+def test_vectors_are_stored_in_the_configured_dtype(
+    engine: Engine, store: LocalBlobStore, tmp_path: Path, dtype: str, atol: float
+) -> None:
+    vectors = random_vectors(30)
+    ids = [add_item(engine, f"S{i}", v) for i, v in enumerate(vectors)]
+    manifest = build_index(engine, store, n_trees=5, settle_s=0, vector_dtype=dtype).manifest
+    assert manifest["vector_dtype"] == dtype
+    assert ("vector_scales.npy" in manifest["files"]) == (dtype == "int8")
+    loaded = open_build(fetch(store, manifest["build_id"], tmp_path / "cache"))
+    assert loaded.vectors.dtype == np.dtype(dtype)
+    order = loaded.ids.lookup(ids)
+    np.testing.assert_allclose(loaded.vectors[order], vectors, atol=atol)
+    query = vectors[7]
+    np.testing.assert_allclose(
+        loaded.vectors.scan(query), (vectors @ query)[np.argsort(order)], atol=atol * 4
+    )
 
 
 def test_build_skips_when_nothing_changed(engine: Engine, store: LocalBlobStore) -> None:

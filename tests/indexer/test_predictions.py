@@ -18,9 +18,11 @@ from fashionrec_indexer import search as search_module
 from fashionrec_indexer.api import create_app
 from fashionrec_indexer.builder import build_index
 from fashionrec_indexer.db import alembic_config, make_engine
-from fashionrec_indexer.index_files import fetch, open_build
+from fashionrec_indexer.index_files import fetch
 from fashionrec_indexer.index_state import IndexState
 from fashionrec_indexer.ingest import store_embeddings
+from fashionrec_indexer.loaded_index import open_build
+from fashionrec_indexer.manifest import IndexManifest
 from fashionrec_indexer.schema import embeddings
 from fashionrec_indexer.search import SearchRequest, search
 from fashionrec_indexer.settings import IndexerSettings
@@ -35,6 +37,7 @@ from sqlalchemy import Engine, select, text
 from tests.indexer.conftest import (
     DIM,
     MODEL,
+    SCORE_ATOL,
     add_item,
     embed,
     image_for,
@@ -215,7 +218,7 @@ def assert_hits(hits, ids, vectors, query, keep, k) -> None:  # type: ignore[no-
     rows, scores = brute(vectors, query, keep, k)
     assert [h for h, _ in hits] == [ids[r] for r in rows]
     assert len({h for h, _ in hits}) == len(hits) == min(k, len(keep))
-    np.testing.assert_allclose([s for _, s in hits], scores, atol=1e-5)
+    np.testing.assert_allclose([s for _, s in hits], scores, atol=SCORE_ATOL)
 
 
 def test_predicted_category_filters_the_build_like_category(
@@ -302,12 +305,23 @@ def test_a_build_from_before_predictions_matches_no_predicted_category(
     ids, vectors = catalogue
     manifest = build_index(engine, store, n_trees=5, settle_s=0).manifest
     directory = fetch(store, manifest["build_id"], tmp_path / "cache")
-    meta = json.loads((directory / "items.json").read_text())
-    assert meta["predicted_categories"] == [label_of(ids.index(uuid.UUID(i))) for i in meta["ids"]]
-    del meta["predicted_categories"]  # what older builds wrote
+    built = open_build(directory)
+    assert built.predicted_categories.tolist() == [label_of(ids.index(i)) for i in built.ids]
+    # What builds of format 1 from before predictions wrote: items.json without them.
+    meta = {
+        "ids": [str(i) for i in built.ids],
+        "categories": built.categories.tolist(),
+        "prices": [None if np.isnan(p) else float(p) for p in built.prices],
+    }
     (directory / "items.json").write_text(json.dumps(meta))
+    legacy = IndexManifest.from_json((directory / "manifest.json").read_bytes()).model_copy(
+        update={"format": 1, "files": ("index.ann", "vectors.npy", "items.json")}
+    )
+    (directory / "manifest.json").write_text(legacy.dumps())
+    (directory / "items.npz").unlink()
     old = open_build(directory)
     assert old.predicted_categories.tolist() == [None] * N
+    assert old.items.images is None and [str(i) for i in old.ids] == meta["ids"]
     state = IndexState(engine, store, tmp_path / "cache", settle_s=0)
     state.refresh()
     with engine.connect() as conn:

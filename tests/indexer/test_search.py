@@ -15,7 +15,7 @@ from fashionrec_shared.schemas import SearchFilters
 from fashionrec_shared.storage import LocalBlobStore
 from sqlalchemy import Engine
 
-from tests.indexer.conftest import add_item, embed, random_vectors, upsert
+from tests.indexer.conftest import SCORE_ATOL, add_item, embed, random_vectors, upsert
 
 N = 60
 
@@ -61,10 +61,10 @@ def test_search_returns_k_distinct_sorted_and_self_first(
         assert len(hits) == 10 and len({h for h, _ in hits}) == 10
         scores = [s for _, s in hits]
         assert scores == sorted(scores, reverse=True)
-        assert hits[0][0] == ids[i] and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+        assert hits[0][0] == ids[i] and hits[0][1] == pytest.approx(1.0, abs=SCORE_ATOL)
         assert all(-1.0 <= s <= 1.0 for s in scores)
         exact = np.sort(vectors @ vectors[i])[::-1][:10]
-        np.testing.assert_allclose(scores, exact, atol=1e-5)
+        np.testing.assert_allclose(scores, exact, atol=SCORE_ATOL)
     hits, _ = run(state, engine, vectors[0], 50)
     assert len(hits) == 50
     hits, _ = run(state, engine, vectors[0], N + 10)
@@ -79,7 +79,7 @@ def test_new_items_are_found_and_deleted_never_returned(
     fresh = random_vectors(1, seed=99)[0]
     new_id = add_item(engine, "NEW", fresh)
     hits, _ = run(state, engine, fresh, 5)
-    assert hits[0][0] == new_id and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert hits[0][0] == new_id and hits[0][1] == pytest.approx(1.0, abs=SCORE_ATOL)
 
     with engine.begin() as conn:
         repo.delete_item(conn, ids[5])
@@ -106,7 +106,7 @@ def test_reimaged_item_uses_its_new_vector(
     new_vector = random_vectors(1, seed=7)[0]
     embed(engine, item_id, image, new_vector)
     hits, _ = run(state, engine, new_vector, 1)
-    assert hits[0][0] == ids[3] and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert hits[0][0] == ids[3] and hits[0][1] == pytest.approx(1.0, abs=SCORE_ATOL)
 
 
 def test_filters(engine: Engine, store: LocalBlobStore, state: IndexState, catalogue) -> None:
@@ -142,7 +142,7 @@ def test_fallback_when_annoy_returns_too_few(
     assert len(hits) == 10 and len({h for h, _ in hits}) == 10
     assert hits[0][0] == ids[9]
     exact = np.sort(vectors @ vectors[9])[::-1][:10]
-    np.testing.assert_allclose([s for _, s in hits], exact, atol=1e-5)
+    np.testing.assert_allclose([s for _, s in hits], exact, atol=SCORE_ATOL)
 
 
 def test_without_any_build_everything_is_searched_exactly(

@@ -11,15 +11,16 @@ import pytest
 from fashionrec_indexer import search as search_module
 from fashionrec_indexer import settings as settings_module
 from fashionrec_indexer.builder import build_index, fit_projection
-from fashionrec_indexer.index_files import PROJECTION_FILE, fetch, open_build
+from fashionrec_indexer.index_files import PROJECTION_FILE, fetch
 from fashionrec_indexer.index_state import DeltaView, IndexState
+from fashionrec_indexer.loaded_index import open_build
 from fashionrec_indexer.search import SearchRequest, exact_top, search
 from fashionrec_indexer.settings import IndexerSettings
 from fashionrec_shared.schemas import SearchFilters
 from fashionrec_shared.storage import LocalBlobStore
 from sqlalchemy import Engine
 
-from tests.indexer.conftest import DIM, add_item, random_vectors
+from tests.indexer.conftest import DIM, SCORE_ATOL, add_item, random_vectors
 
 N = 60
 
@@ -108,9 +109,11 @@ def test_projected_search_returns_k_distinct_exact_scores(
         assert scores == sorted(scores, reverse=True)
         # Every score is the exact full-dimension cosine of the item returned.
         exact = [float(vectors[by_id[h]] @ vectors[i]) for h, _ in hits]
-        np.testing.assert_allclose(scores, exact, atol=1e-5)
+        np.testing.assert_allclose(scores, exact, atol=SCORE_ATOL)
         if candidates >= N:  # every item re-ranked: the exact answer
-            np.testing.assert_allclose(scores, np.sort(vectors @ vectors[i])[::-1][:5], atol=1e-5)
+            np.testing.assert_allclose(
+                scores, np.sort(vectors @ vectors[i])[::-1][:5], atol=SCORE_ATOL
+            )
     # The fallback still answers when Annoy comes back short.
     short = lambda build, query, n, search_k: [0, 1]  # noqa: E731
     with pytest.MonkeyPatch.context() as mp:

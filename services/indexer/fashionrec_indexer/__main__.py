@@ -102,6 +102,7 @@ def rebuild(
             n_trees=settings.n_trees,
             ann_dim=settings.ann_dim,
             ann_projection=settings.ann_projection,
+            vector_dtype=settings.vector_dtype,
             force=force,
             reason="cli",
             progress=True,

@@ -17,7 +17,7 @@ from fashionrec_shared.storage import make_blob_store
 from fastapi import FastAPI, Request, Response
 from sqlalchemy.exc import OperationalError
 
-from fashionrec_indexer.db import make_engine
+from fashionrec_indexer.db import QUERY_PATH_OPTIONS, make_engine
 from fashionrec_indexer.deps import TaskSender
 from fashionrec_indexer.index_state import IndexState
 from fashionrec_indexer.metrics import make_metrics
@@ -31,7 +31,7 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or IndexerSettings()  # type: ignore[call-arg]
-        engine = make_engine(resolved.database_url)
+        engine = make_engine(resolved.database_url, options=QUERY_PATH_OPTIONS)
         state = IndexState(
             engine, make_blob_store(resolved.storage), resolved.index_dir, resolved.settle_s
         )

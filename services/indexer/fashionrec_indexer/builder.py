@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -24,8 +23,20 @@ from sqlalchemy import Engine
 
 from fashionrec_indexer import repository as repo
 from fashionrec_indexer.index_files import PROJECTION_FILE, publish
-from fashionrec_indexer.manifest import DATA_FILES, METRIC, IndexManifest
-from fashionrec_indexer.settings import ANN_DIM, ANN_PROJECTION, N_TREES
+from fashionrec_indexer.item_arrays import (
+    ITEMS_FILE,
+    SCALES_FILE,
+    VECTORS_FILE,
+    ItemArrays,
+    ItemIds,
+    LabelEncoder,
+    Labels,
+    StoredVectors,
+    encode_vectors,
+    image_key,
+)
+from fashionrec_indexer.manifest import FORMAT, METRIC, IndexManifest
+from fashionrec_indexer.settings import ANN_DIM, ANN_PROJECTION, N_TREES, VECTOR_DTYPE
 
 log = logging.getLogger("fashionrec.indexer.builder")
 
@@ -33,6 +44,9 @@ log = logging.getLogger("fashionrec.indexer.builder")
 # per step while adding items to Annoy (bounds the extra memory).
 PCA_SAMPLE = 8192
 CHUNK = 4096
+# Rows fetched from Postgres per step of a build (a server-side cursor): with the item arrays,
+# what a build holds in memory besides Annoy's file-backed trees.
+FETCH_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,7 @@ def build_index(
     settle_s: float = SETTLE_S,
     work_dir: Path | None = None,
     model_version: str | None = None,
+    vector_dtype: str = VECTOR_DTYPE,
 ) -> BuildResult:
     """Build and publish an index; skipped when nothing changed.
 
@@ -81,6 +96,8 @@ def build_index(
     the first build: the newest embedding's) — so timer and threshold builds never publish a
     version that is still being re-embedded.
     `ann_dim`/`ann_projection`: the space the trees are built in (see write_ann).
+    `vector_dtype`: how vectors.npy stores the vectors re-scored per query (float32, float16, or
+    int8 with a scale per row; see item_arrays).
     """
     with build_lock(engine):
         with engine.connect() as conn:
@@ -113,6 +130,7 @@ def build_index(
                 dim,
                 settle_s,
                 progress,
+                vector_dtype,
                 lambda vectors, bar: write_ann(
                     tmp, vectors, n_trees, ann_dim, ann_projection, progress=bar
                 ),
@@ -147,13 +165,18 @@ def fit_projection(vectors: np.ndarray, ann_dim: int, kind: str, seed: int = 0) 
         raise ValueError(f"unknown projection {kind!r}: pca or random")
     n = vectors.shape[0]
     rows = np.sort(rng.choice(n, size=PCA_SAMPLE, replace=False)) if n > PCA_SAMPLE else None
-    sample = np.asarray(vectors if rows is None else vectors[rows], dtype=np.float64)
+    sample = np.asarray(vectors[:n] if rows is None else vectors[rows], dtype=np.float32)
     if sample.shape[0] >= dim:
-        _, eigvecs = np.linalg.eigh(sample.T @ sample)  # ascending eigenvalues
+        gram = np.zeros((dim, dim), dtype=np.float64)
+        for start in range(0, len(sample), 1024):  # float64 sums without a float64 copy
+            block = sample[start : start + 1024].astype(np.float64)
+            gram += block.T @ block
+        del sample
+        _, eigvecs = np.linalg.eigh(gram)  # ascending eigenvalues
         return np.ascontiguousarray(eigvecs[:, ::-1][:, :ann_dim], dtype=np.float32)
     # Fewer vectors than dimensions: the thin SVD costs O(n² dim), where eigh of the dim x dim
     # Gram matrix costs O(dim³) (minutes at 4160-d for a catalogue of 40 items).
-    _, _, vt = np.linalg.svd(sample, full_matrices=False)  # descending singular values
+    _, _, vt = np.linalg.svd(sample.astype(np.float64), full_matrices=False)  # descending
     basis = vt.T
     want = min(ann_dim, dim)
     if basis.shape[1] < want:  # complete the span with seeded orthonormal directions
@@ -164,16 +187,18 @@ def fit_projection(vectors: np.ndarray, ann_dim: int, kind: str, seed: int = 0) 
 
 def write_ann(
     out: Path,
-    vectors: np.ndarray,
+    vectors: Any,
     n_trees: int,
     ann_dim: int = ANN_DIM,
     projection: str = ANN_PROJECTION,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Build index.ann (and projection.npy) in `out` from the normalised (N, D) vectors.
+    """Build index.ann (and projection.npy) in `out` from the normalised (N, D) vectors (an
+    array, or anything with `shape` whose slices and sorted row arrays are float32 arrays).
 
     The trees are built over `vectors @ P` when 0 < ann_dim < D (P from fit_projection), else
-    over the vectors themselves. Returns the manifest fields that describe it.
+    over the vectors themselves, in the file itself (Annoy's on-disk build: the index lives in
+    the page cache, not in this process's heap). Returns the manifest fields that describe it.
     """
     count, dim = vectors.shape
     matrix = None
@@ -182,6 +207,7 @@ def write_ann(
         np.save(out / PROJECTION_FILE, matrix)
     space = dim if matrix is None else ann_dim
     annoy = AnnoyIndex(space, METRIC)
+    annoy.on_disk_build(str(out / "index.ann"))
     for start in range(0, count, CHUNK):
         block = np.asarray(vectors[start : start + CHUNK], dtype=np.float32)
         if matrix is not None:
@@ -191,15 +217,36 @@ def write_ann(
     if progress is not None:
         progress.add_task(f"building {n_trees} Annoy trees ({space}-d)", total=None)
     annoy.build(n_trees)
-    annoy.save(str(out / "index.ann"))
     annoy.unload()
-    files = list(DATA_FILES) + ([PROJECTION_FILE] if matrix is not None else [])
     return {
         "n_trees": n_trees,
         "ann_dim": space,
         "projection": None if matrix is None else projection,
-        "files": files,
+        "files": ["index.ann"] + ([PROJECTION_FILE] if matrix is not None else []),
     }
+
+
+class VectorFile:
+    """Rows of a vectors.npy being built, decoded to float32; every read maps the file afresh
+    and unmaps it after, so reading a build's vectors back never keeps them resident in the
+    builder (they stay in the page cache)."""
+
+    def __init__(self, path: Path, shape: tuple[int, int], scales: np.ndarray | None) -> None:
+        self.path = path
+        self.shape = shape
+        self.scales = scales
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        data = np.load(self.path, mmap_mode="r")
+        try:
+            return np.array(StoredVectors(data, self.scales)[rows], dtype=np.float32)
+        finally:
+            del data
+
+
+def _write_header(fh: Any, dtype: np.dtype, shape: tuple[int, int]) -> None:
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_2_0(fh, header)
 
 
 def _write_build(
@@ -210,55 +257,82 @@ def _write_build(
     dim: int,
     settle_s: float,
     progress: bool,
+    vector_dtype: str,
     make_ann: Any,
 ) -> IndexManifest:
-    ids: list[str] = []
-    categories: list[str | None] = []
-    predicted_categories: list[str | None] = []
-    prices: list[float | None] = []
+    """Stream the build's rows from Postgres (a server-side cursor, FETCH_ROWS at a time) into
+    vectors.npy (appended, never mapped) and the item arrays, then build the trees."""
+    stored_dtype = np.dtype({"float32": np.float32, "float16": np.float16, "int8": np.int8}[
+        vector_dtype
+    ])  # fmt: skip
+    categories, predicted = LabelEncoder(), LabelEncoder()
     # One REPEATABLE READ snapshot: the rows and max_change_seq describe the same instant.
     with (
         engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn,
         conn.begin(),
     ):
+        repo.plan_for_whole_tables(conn)
         settled_seq, seen_seq = repo.settled_change_seq(conn, settle_s)
         count = repo.count_build_rows(conn, model_version, dim)
-        vectors = np.lib.format.open_memmap(
-            out / "vectors.npy", mode="w+", dtype=np.float32, shape=(count, dim)
-        )
-        with progress_bar(progress) as bar:
+        ids = np.empty(count, dtype="S16")
+        category_codes = np.empty(count, dtype=np.int32)
+        predicted_codes = np.empty(count, dtype=np.int32)
+        prices = np.empty(count, dtype=np.float64)
+        images = np.empty(count, dtype=np.uint64)
+        scales = np.empty(count, dtype=np.float32) if vector_dtype == "int8" else None
+        with progress_bar(progress) as bar, open(out / VECTORS_FILE, "wb") as fh:
             task = bar.add_task("reading vectors", total=count)
-            for i, row in enumerate(repo.build_rows(conn, model_version, dim)):
-                vector = np.frombuffer(row.vector, dtype=DTYPE).astype(np.float32)
-                norm = float(np.linalg.norm(vector))
-                vectors[i] = vector / norm if norm > 0 else vector
-                ids.append(str(row.id))
-                categories.append(row.category)
-                predicted_categories.append(row.predicted_category)
-                prices.append(row.price)
-                if i % 256 == 0:
-                    bar.update(task, completed=i + 1)
-            bar.update(task, completed=count)
-            vectors.flush()
-            ann = make_ann(vectors, bar)
-    del vectors
-    (out / "items.json").write_text(
-        json.dumps(
-            {
-                "ids": ids,
-                "categories": categories,
-                "predicted_categories": predicted_categories,
-                "prices": prices,
-            }
-        )
+            _write_header(fh, stored_dtype, (count, dim))
+            at = 0
+            for rows in repo.build_chunks(conn, model_version, dim, FETCH_ROWS):
+                m = len(rows)
+                if at + m > count:
+                    raise RuntimeError("more build rows than counted in the same snapshot")
+                block = np.frombuffer(b"".join(r.vector for r in rows), dtype=DTYPE)
+                block = block.reshape(m, dim).astype(np.float32)
+                norms = np.linalg.norm(block, axis=1, keepdims=True)
+                norms[norms == 0] = 1.0
+                encoded, row_scales = encode_vectors(block / norms, vector_dtype)
+                fh.write(np.ascontiguousarray(encoded, dtype=stored_dtype).tobytes())
+                if scales is not None and row_scales is not None:
+                    scales[at : at + m] = row_scales
+                part = slice(at, at + m)
+                ids[part] = [r.id.bytes for r in rows]
+                category_codes[part] = [categories.code(r.category) for r in rows]
+                predicted_codes[part] = [predicted.code(r.predicted_category) for r in rows]
+                prices[part] = [np.nan if r.price is None else r.price for r in rows]
+                images[part] = [image_key(r.image_sha256) for r in rows]
+                at += m
+                bar.update(task, completed=at)
+            if at != count:
+                raise RuntimeError(f"counted {count} build rows, read {at}")
+    # The trees are built after the snapshot's transaction has ended (it would hold back
+    # vacuum and the delta's horizon; see index_state).
+    if scales is not None:
+        np.save(out / SCALES_FILE, scales)
+    with progress_bar(progress) as bar:
+        ann = make_ann(VectorFile(out / VECTORS_FILE, (count, dim), scales), bar)
+    items = ItemArrays(
+        ids=ItemIds(ids),
+        categories=Labels(category_codes, categories.vocab),
+        predicted=Labels(predicted_codes, predicted.vocab),
+        prices=prices,
+        images=images,
     )
+    items.save(out / ITEMS_FILE)
+    files = [ann["files"][0], VECTORS_FILE, ITEMS_FILE, *ann["files"][1:]]
+    if scales is not None:
+        files.append(SCALES_FILE)
+    ann = {**ann, "files": files}
     return IndexManifest(
         build_id=build_id,
-        item_count=len(ids),
+        item_count=count,
         dim=dim,
         model_version=model_version,
         metric=METRIC,
         **ann,
+        format=FORMAT,
+        vector_dtype=vector_dtype,
         checksums={name: file_sha256(out / name) for name in ann["files"]},
         max_change_seq=settled_seq,
         seen_change_seq=seen_seq,

@@ -24,13 +24,21 @@ log = logging.getLogger("fashionrec.indexer.db")
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def make_engine(database_url: str, pool_size: int = 5) -> Engine:
+# The API's statements are key and range lookups: a parallel worker (or JIT compilation) never
+# pays for itself there, but a planner without statistics can estimate a million-row table
+# into one (the delta probe: 7-13 ms to start a worker for a range that holds no rows).
+QUERY_PATH_OPTIONS = "-c max_parallel_workers_per_gather=0 -c jit=off"
+
+
+def make_engine(database_url: str, pool_size: int = 5, options: str | None = None) -> Engine:
+    """`options`: server settings for every session (libpq `options`, e.g. QUERY_PATH_OPTIONS)."""
     # pre_ping: a restarted Postgres must not surface as errors on the first requests after it.
     return create_engine(
         normalise_database_url(database_url),
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=10,
+        connect_args={"options": options} if options else {},
     )
 
 

@@ -24,7 +24,8 @@ from fashionrec_shared.storage import BlobStore
 from sqlalchemy import Engine
 
 from fashionrec_indexer import repository as repo
-from fashionrec_indexer.index_files import LoadedIndex, fetch, open_build
+from fashionrec_indexer.index_files import fetch
+from fashionrec_indexer.loaded_index import LoadedIndex, open_build
 from fashionrec_indexer.search import annoy_candidates
 from fashionrec_indexer.settings import ANN_CANDIDATES
 
@@ -63,7 +64,7 @@ def _served_top(
     """The served answer for a stored vector: Annoy candidates re-scored exactly, self left out."""
     found = np.sort(np.array(annoy_candidates(build, query, n, search_k), dtype=np.int64))
     found = found[found != position]
-    scores = np.asarray(build.vectors[found]) @ query
+    scores = build.vectors.scores(found, query)
     return [int(found[i]) for i in np.argsort(-scores, kind="stable")[:k]]
 
 
@@ -88,7 +89,7 @@ def evaluate_build(
     n = max(candidates, k_eff + 1)
     for position, query in zip(positions[:WARMUP_QUERIES], queries, strict=False):
         _served_top(build, query, int(position), k_eff, n, search_k)
-        np.asarray(vectors) @ query
+        vectors.scan(query)
     annoy_s: list[float] = []
     exact_s: list[float] = []
     recalls: list[float] = []
@@ -97,7 +98,7 @@ def evaluate_build(
         t0 = time.perf_counter()
         answer = _served_top(build, query, int(position), k_eff, n, search_k)
         t1 = time.perf_counter()
-        scores = np.asarray(vectors) @ query
+        scores = vectors.scan(query)
         scores[position] = -np.inf
         exact = _best(scores, k_eff)
         t2 = time.perf_counter()

@@ -1,36 +1,37 @@
 """Index build artefacts: write them, publish to object storage, fetch and verify, open read-only.
 
 A build is a directory of files under `indexes/{build_id}/` in object storage:
-index.ann (Annoy, angular), vectors.npy (L2-normalised float32 NxD, for exact re-ranking and the
-exact fallback), items.json (ids, categories, the build model's predicted categories and prices
-in Annoy order, for filtering without SQL; builds older than predictions have no
-predicted_categories: all None)
+index.ann (Annoy, angular), vectors.npy (L2-normalised NxD as float32, float16 or int8 +
+vector_scales.npy: manifest `vector_dtype`; for exact re-scoring and the exact fallback),
+items.npz (ids, category and predicted-category codes, prices and image hashes in Annoy order,
+for filtering without SQL; see item_arrays; builds of format 1 have items.json instead, and those
+older than predictions no predicted_categories: all None)
 and manifest.json (an `IndexManifest`: sizes, model version, sha256 of every file,
 max_change_seq). When the trees are built over a lower-dimensional projection (manifest
 `ann_dim` < `dim`), projection.npy holds the (dim, ann_dim) float32 matrix that maps a query into
-the trees' space.
+the trees' space. A fetched build is opened for queries by loaded_index.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from annoy import AnnoyIndex
 from fashionrec_shared.files import file_sha256
 from fashionrec_shared.storage import BlobStore
 
 from fashionrec_indexer.manifest import IndexManifest
 
-PROJECTION_FILE = "projection.npy"
-MANIFEST = "manifest.json"
+if TYPE_CHECKING:
+    from fashionrec_indexer.loaded_index import LoadedIndex
 
 log = logging.getLogger("fashionrec.indexer.index_files")
+
+PROJECTION_FILE = "projection.npy"
+MANIFEST = "manifest.json"
 
 
 class IndexCorrupt(RuntimeError):
@@ -46,35 +47,6 @@ def publish(store: BlobStore, build_dir: Path, manifest: IndexManifest) -> None:
     for name in manifest.files:
         store.upload_file(object_key(manifest.build_id, name), build_dir / name)
     store.put(object_key(manifest.build_id, MANIFEST), manifest.dumps().encode())
-
-
-@dataclass(frozen=True)
-class LoadedIndex:
-    """One build's files opened read-only (Annoy and numpy both mmap, so loads are cheap)."""
-
-    build_id: str
-    manifest: IndexManifest
-    annoy: AnnoyIndex | None
-    vectors: np.ndarray  # (N, D) float32, L2-normalised
-    ids: list[uuid.UUID]
-    categories: np.ndarray  # object array, None where unset
-    predicted_categories: np.ndarray  # object array: the build model's predictions, None if none
-    prices: np.ndarray  # float64, NaN where unset
-    directory: Path
-    positions: dict[uuid.UUID, int]
-    projection: np.ndarray | None = None  # (dim, ann_dim): query → the trees' space
-
-    @property
-    def dim(self) -> int:
-        return self.manifest.dim
-
-    def ann_vector(self, query: np.ndarray) -> np.ndarray:
-        """The (normalised, full-dimension) query in the space the Annoy trees were built in."""
-        return query if self.projection is None else query @ self.projection
-
-    @property
-    def size(self) -> int:
-        return len(self.ids)
 
 
 def _verified(directory: Path, manifest: IndexManifest) -> bool:
@@ -120,32 +92,10 @@ def fetch(store: BlobStore, build_id: str, cache_dir: Path) -> Path:
 
 
 def open_build(directory: Path) -> LoadedIndex:
-    manifest = IndexManifest.from_json((directory / MANIFEST).read_bytes())
-    projection = None
-    if manifest.ann_dim != manifest.dim:
-        projection = np.ascontiguousarray(np.load(directory / PROJECTION_FILE), dtype=np.float32)
-    annoy: AnnoyIndex | None = None
-    if manifest.item_count > 0:
-        annoy = AnnoyIndex(manifest.ann_dim, manifest.metric)
-        annoy.load(str(directory / "index.ann"))  # mmap, read-only
-    vectors = np.load(directory / "vectors.npy", mmap_mode="r")
-    meta = json.loads((directory / "items.json").read_text())
-    prices = np.array([np.nan if p is None else float(p) for p in meta["prices"]], dtype=np.float64)
-    ids = [uuid.UUID(i) for i in meta["ids"]]
-    predicted = meta.get("predicted_categories") or [None] * len(ids)
-    return LoadedIndex(
-        build_id=manifest.build_id,
-        manifest=manifest,
-        annoy=annoy,
-        vectors=vectors,
-        ids=ids,
-        categories=np.array(meta["categories"], dtype=object),
-        predicted_categories=np.array(predicted, dtype=object),
-        prices=prices,
-        directory=directory,
-        positions={item_id: i for i, item_id in enumerate(ids)},
-        projection=projection,
-    )
+    """A fetched build opened for queries: see loaded_index (where it lives)."""
+    from fashionrec_indexer.loaded_index import open_build as open_loaded
+
+    return open_loaded(directory)
 
 
 def prune_cache(cache_dir: Path, keep: set[str]) -> None:

@@ -6,16 +6,36 @@ when a newer build is ready; a query reads `current` once and keeps that snapsho
 A build pins its model version, so after a model change's build is swapped in, searches and the
 delta use only the new version's vectors; until then only the old one's.
 The delta is refreshed on every query with one cheap probe, so writes are visible at once and
-stale Annoy entries (deleted or re-imaged items) are masked.
+stale Annoy entries (deleted or re-imaged items) are masked. A change that leaves an item as the
+build has it (same image, category, price and prediction: what a re-embed for a model change
+or a repeated upload does) is not a delta entry, so the delta holds what really changed, never
+the build's own rows.
+
+What a probe costs is the number of rows it reads: those changed after the delta's floor (every
+change at or below it is known). The floor advances two ways. By time: over a prefix of rows
+changed at least `settle_s` ago (a writer commits within that; see
+repository.settled_change_seq). And by the write horizon, usually within two probes: a probe
+that saw change_seq H at clock t leaves a mark (t, H); once no transaction that started before
+t is still in progress (pg_stat_activity, read before the probe's own snapshot), every writer
+that took a sequence value below H has ended — values are taken in order, and a writer starts
+before it takes one — so after that probe has read its rows, nothing at or below H can still
+appear. Sessions whose state this role may not see, or a long transaction (an index build's
+snapshot), leave only the time rule. So the rows a probe reads are the changes of the last
+moments, not (as with the time rule alone) those of the last `settle_s`, which after a bulk
+write or a rebuild right after one is the whole inventory. The probe must run in READ
+COMMITTED (the engine's default): each statement its own snapshot.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fashionrec_shared.storage import BlobStore
@@ -24,7 +44,9 @@ from sqlalchemy import Connection, Engine
 
 from fashionrec_indexer import repository as repo
 from fashionrec_indexer.builder import SETTLE_S
-from fashionrec_indexer.index_files import LoadedIndex, fetch, open_build, prune_cache
+from fashionrec_indexer.index_files import fetch, prune_cache
+from fashionrec_indexer.item_arrays import image_key
+from fashionrec_indexer.loaded_index import LoadedIndex, open_build
 
 log = logging.getLogger("fashionrec.indexer.state")
 
@@ -36,6 +58,7 @@ class DeltaEntry:
     category: str | None
     price: float | None
     predicted_category: str | None = None  # of the delta's model version
+    image_sha256: str | None = None  # the image `vector` is of (reused while it stays)
 
 
 @dataclass(frozen=True)
@@ -45,7 +68,7 @@ class DeltaView:
     model_version: str | None
     dim: int | None
     changed: frozenset[uuid.UUID]  # every changed id: their Annoy entries are stale
-    masked_positions: np.ndarray  # positions in the build of `changed` ids
+    masked_positions: np.ndarray  # positions in the build of `changed` ids (sorted, unique)
     ids: list[uuid.UUID]  # searchable delta items
     vectors: np.ndarray  # (M, D) normalised, C-contiguous float32: one matvec scores them all
     categories: np.ndarray
@@ -74,6 +97,9 @@ def _normalised(raw: bytes) -> np.ndarray:
     return vector / norm if norm > 0 else vector
 
 
+WARM_PROBES = 3  # probes before a new snapshot is served: the horizon advances in two
+
+
 class Delta:
     """Items changed after a build's max_change_seq, kept current by `refresh` on each query."""
 
@@ -82,7 +108,7 @@ class Delta:
         base_seq: int,
         model_version: str | None,
         dim: int | None,
-        positions: dict[uuid.UUID, int],
+        build: LoadedIndex | None = None,
         settle_s: float = SETTLE_S,
     ) -> None:
         # Without a build the model version follows the newest embedding (nothing is pinned
@@ -91,12 +117,20 @@ class Delta:
         self._base_seq = base_seq
         self._model_version = model_version
         self._dim = dim
-        self._positions = positions
+        self._build = build
         self._settle_s = settle_s
         self._lock = threading.Lock()
-        self._watermark = base_seq
         self._entries: dict[uuid.UUID, DeltaEntry] = {}
         self._view = DeltaView.empty(model_version, dim)
+        self._reset_floor()
+        self.rows_read = 0  # by the last probe (tests, metrics)
+
+    def _reset_floor(self) -> None:
+        self._floor = self._base_seq  # every change at or below is known
+        self._high = self._base_seq  # the newest change seen
+        self._unstamped: int | None = None  # the last probe's high, stamped by the next probe
+        self._marks: deque[tuple[Any, int]] = deque()  # (database clock, high seen before it)
+        self._window: dict[uuid.UUID, int] = {}  # id → change_seq read above the floor
 
     def refresh(self, conn: Connection) -> DeltaView:
         with self._lock:
@@ -105,31 +139,103 @@ class Delta:
                 model, dim = latest if latest else (None, None)
                 if model != self._model_version:
                     self._model_version, self._dim = model, dim
-                    self._watermark, self._entries = self._base_seq, {}
+                    self._entries = {}
+                    self._reset_floor()
                     self._view = DeltaView.empty(model, dim)
-            rows = repo.changes_since(conn, self._watermark, self._settle_s)
-            stale = [
-                r.id
-                for r in rows
-                if r.id not in self._entries or self._entries[r.id].change_seq != r.change_seq
-            ]
-            if stale:
-                for row in repo.delta_rows(conn, stale, self._model_version):
-                    vector = None
-                    if row.deleted_at is None and row.vector is not None:
-                        vector = _normalised(row.vector)
-                        if self._dim is not None and vector.shape[0] != self._dim:
-                            vector = None
-                    self._entries[row.id] = DeltaEntry(
-                        row.change_seq, vector, row.category, row.price, row.predicted_category
-                    )
+            # Read before the probe's snapshot; only needed while changes above the floor wait.
+            horizon = repo.write_horizon(conn) if self._high > self._floor else None
+            rows = repo.probe_changes(conn, self._floor, self._settle_s)
+            self.rows_read = len(rows)
+            if self._apply(conn, rows):
                 self._view = self._make_view()
-            # Advance only over a settled prefix: a lower sequence value may still be in flight.
-            for row in rows:
-                if not row.settled:
-                    break
-                self._watermark = max(self._watermark, row.change_seq)
+            self._advance(rows, horizon)
             return self._view
+
+    def _as_built(self, position: int, row: Any, predicted: str | None) -> bool:
+        """Whether the item's current state is what the build holds at `position`."""
+        build = self._build
+        if build is None or build.items.images is None or row.deleted:
+            return False
+        price = build.items.prices[position]
+        return (
+            image_key(row.image_sha256) == int(build.items.images[position])
+            and row.category == build.items.categories.label(position)
+            and predicted == build.items.predicted.label(position)
+            and (np.isnan(price) if row.price is None else row.price == price)
+        )
+
+    def _apply(self, conn: Connection, rows: list[Any]) -> bool:
+        """Bring the entries up to date with the probe's rows; True when any changed."""
+        fresh = [r for r in rows if self._window.get(r.id) != r.change_seq]
+        if not fresh:
+            return False
+        if self._build is not None:
+            positions = self._build.ids.lookup([r.id for r in fresh])
+        else:
+            positions = np.full(len(fresh), -1, dtype=np.int64)
+        # Predictions of the pinned model for the images (one key lookup per image).
+        predicted: dict[str, str | None] = {}
+        if self._model_version is not None:
+            shas = {r.image_sha256 for r in fresh if not r.deleted}
+            predicted = repo.predictions_of(conn, shas, self._model_version)
+        dirty = False
+        need: dict[str, list[Any]] = {}
+        for row, position in zip(fresh, positions, strict=True):
+            self._window[row.id] = row.change_seq
+            label = predicted.get(row.image_sha256)
+            if position >= 0 and self._as_built(int(position), row, label):
+                dirty |= self._entries.pop(row.id, None) is not None
+                continue
+            entry = self._entries.get(row.id)
+            if entry is not None and entry.change_seq == row.change_seq:
+                continue
+            dirty = True
+            vector = None
+            if not row.deleted and self._model_version is not None:
+                if entry is not None and entry.image_sha256 == row.image_sha256:
+                    vector = entry.vector  # the same image: the same vector
+                if vector is None:
+                    need.setdefault(row.image_sha256, []).append(row)
+                    continue
+            self._entries[row.id] = self._entry(row, vector, label)
+        if need:
+            assert self._model_version is not None
+            found = repo.vectors_of(conn, list(need), self._model_version)
+            for sha, waiting in need.items():
+                vector = _normalised(found[sha]) if sha in found else None
+                if vector is not None and self._dim is not None and vector.shape[0] != self._dim:
+                    vector = None
+                for row in waiting:
+                    self._entries[row.id] = self._entry(row, vector, predicted.get(sha))
+        return dirty
+
+    @staticmethod
+    def _entry(row: Any, vector: np.ndarray | None, predicted: str | None) -> DeltaEntry:
+        return DeltaEntry(
+            row.change_seq, vector, row.category, row.price, predicted, row.image_sha256
+        )
+
+    def _advance(self, rows: list[Any], horizon: repo.Horizon | None) -> None:
+        """Move the floor up after a probe has read `rows` (see the module docstring).
+
+        `horizon` None: none was read, as the floor was at the newest change seen."""
+        floor = self._floor
+        for row in rows:  # by time: a settled prefix
+            if not row.settled:
+                break
+            floor = max(floor, row.change_seq)
+        if horizon is not None:
+            if self._unstamped is not None:  # the last probe's snapshot was before this clock
+                self._marks.append((horizon.now, self._unstamped))
+            since = horizon.since
+            while self._marks and since is not None and self._marks[0][0] < since:
+                floor = max(floor, self._marks.popleft()[1])
+        if rows:
+            self._high = max(self._high, rows[-1].change_seq)
+        self._unstamped = self._high
+        if floor > self._floor:
+            self._floor = floor
+            self._window = {i: seq for i, seq in self._window.items() if seq > floor}
 
     def _make_view(self) -> DeltaView:
         live = [(i, e) for i, e in self._entries.items() if e.vector is not None]
@@ -137,12 +243,15 @@ class Delta:
         matrix = np.empty((len(live), dim), dtype=np.float32)
         for row, (_, entry) in enumerate(live):
             matrix[row] = entry.vector
-        masked = [self._positions[i] for i in self._entries if i in self._positions]
+        masked = np.empty(0, dtype=np.int64)
+        if self._build is not None and self._entries:
+            found = self._build.ids.lookup(list(self._entries))
+            masked = np.unique(found[found >= 0])
         return DeltaView(
             model_version=self._model_version,
             dim=self._dim,
             changed=frozenset(self._entries),
-            masked_positions=np.array(masked, dtype=np.int64),
+            masked_positions=masked,
             ids=[i for i, _ in live],
             vectors=matrix,
             categories=np.array([e.category for _, e in live], dtype=object),
@@ -230,7 +339,10 @@ class IndexState:
                 return False
             snapshot = self._load(latest_id)
             with self.engine.connect() as conn:
-                snapshot.delta.refresh(conn)  # warm the delta before queries see the snapshot
+                # Warm the delta before queries see the snapshot: the first probe reads what
+                # changed since the build was taken, the next ones move the floor past it.
+                for _ in range(WARM_PROBES):
+                    snapshot.delta.refresh(conn)
             self.current = snapshot  # the atomic swap
             log.info("index snapshot now %s", latest_id or "<no build>")
             if snapshot.build is not None:
@@ -242,13 +354,23 @@ class IndexState:
 
     def _load(self, build_id: str | None) -> Snapshot:
         if build_id is None:
-            return Snapshot(None, Delta(0, None, None, {}, self.settle_s))
-        build = open_build(fetch(self.store, build_id, self.cache_dir))
+            return Snapshot(None, Delta(0, None, None, None, self.settle_s))
+        started = time.perf_counter()
+        directory = fetch(self.store, build_id, self.cache_dir)
+        fetched = time.perf_counter()
+        build = open_build(directory)
+        log.info(
+            "index build %s: fetched and verified in %.2fs, opened in %.3fs (%d items)",
+            build_id,
+            fetched - started,
+            time.perf_counter() - fetched,
+            build.size,
+        )
         delta = Delta(
             build.manifest.max_change_seq,
             build.manifest.model_version,
             build.dim,
-            build.positions,
+            build,
             self.settle_s,
         )
         return Snapshot(build, delta)
@@ -269,7 +391,10 @@ class IndexState:
     def _run(self, interval_s: float) -> None:
         while True:
             try:
-                self.refresh()
+                if not self.refresh() and self.current is not None:
+                    # Keep the delta's floor moving while no query comes (see Delta).
+                    with self.engine.connect() as conn:
+                        self.current.delta.refresh(conn)
             except Exception:  # keep serving the old snapshot; retry next tick
                 log.exception("index refresh failed")
             if self._stop.wait(interval_s):

@@ -15,7 +15,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 METRIC = "angular"
+# The files of builds from before format 2 (items.json: ids and metadata as JSON lists).
 DATA_FILES = ("index.ann", "vectors.npy", "items.json")
+# Format 2: items.npz (ids, metadata codes and image hashes as arrays; see index_files) and
+# vectors.npy in `vector_dtype` (int8 rows with vector_scales.npy).
+FORMAT = 2
+VectorDtype = Literal["float32", "float16", "int8"]
 
 
 class IndexManifest(BaseModel):
@@ -32,6 +37,8 @@ class IndexManifest(BaseModel):
     ann_dim: int
     projection: Literal["pca", "random"] | None = None
     files: tuple[str, ...] = DATA_FILES  # uploaded, in this order, before the manifest
+    format: int = 1  # of the item files: 1 items.json, 2 items.npz
+    vector_dtype: VectorDtype = "float32"  # how vectors.npy stores the normalised vectors
     checksums: dict[str, str]  # sha256 of every file in `files`
     # Items with change_seq <= max_change_seq are in the build (the settled part of the snapshot);
     # seen_change_seq is the newest change the snapshot saw: nothing changed when it still is.

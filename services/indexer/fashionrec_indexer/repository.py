@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,14 +14,13 @@ from sqlalchemy import (
     Row,
     and_,
     exists,
-    false,
     func,
     null,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import aggregate_order_by, array_agg, insert
 
 from fashionrec_indexer.manifest import IndexManifest
 from fashionrec_indexer.schema import change_seq, embeddings, index_builds, items, job_items, jobs
@@ -127,8 +126,19 @@ def max_change_seq(conn: Connection) -> int:
     return int(conn.execute(select(func.coalesce(func.max(items.c.change_seq), 0))).scalar_one())
 
 
+# The upper end of change_seq ranges. Writing "after seq" as a closed range keeps the plan on
+# items_change_seq_idx even without planner statistics: Postgres estimates an open inequality
+# on a never-analysed table at a third of the rows (a sequential scan; 40 ms at 100k items,
+# after a bulk load with autovacuum off or not yet run) and a range at 0.5% (the index).
+MAX_SEQ = 2**63 - 1
+
+
+def _after(seq: int) -> Any:
+    return items.c.change_seq.between(seq + 1, MAX_SEQ)
+
+
 def count_changed_since(conn: Connection, seq: int) -> int:
-    return int(conn.execute(select(func.count()).where(items.c.change_seq > seq)).scalar_one())
+    return int(conn.execute(select(func.count()).where(_after(seq))).scalar_one())
 
 
 # ---- items ---------------------------------------------------------------------------------
@@ -239,11 +249,13 @@ def upsert_item(
 def item_columns(served_version: str | None = None) -> list[Any]:
     """The item, the model version of its current image's newest embedding (for display) and
     the predictions of `served_version` for that image (column `predicted`, NULL without one)."""
+    # An aggregate, not ORDER BY created_at LIMIT 1: with that, a planner without statistics
+    # walks embeddings_created_at_idx backwards through every embedding (40 ms at 100k)
+    # instead of looking up the image's few rows by the primary key.
+    newest_first = aggregate_order_by(embeddings.c.model_version, embeddings.c.created_at.desc())
     model = (
-        select(embeddings.c.model_version)
+        select(array_agg(newest_first)[1])
         .where(embeddings.c.image_sha256 == items.c.image_sha256)
-        .order_by(embeddings.c.created_at.desc())
-        .limit(1)
         .scalar_subquery()
     )
     predicted: Any = null()
@@ -275,6 +287,15 @@ def delete_item(conn: Connection, item_id: uuid.UUID) -> bool:
         .values(deleted_at=func.now(), change_seq=change_seq.next_value(), updated_at=func.now())
     )
     return result.rowcount > 0
+
+
+def item_exists(conn: Connection, item_id: uuid.UUID) -> bool:
+    """Whether a live item has this id."""
+    return bool(
+        conn.execute(
+            select(exists().where(items.c.id == item_id, items.c.deleted_at.is_(None)))
+        ).scalar_one()
+    )
 
 
 def item_vector(conn: Connection, item_id: uuid.UUID, model_version: str | None) -> Row | None:
@@ -336,14 +357,26 @@ def count_build_rows(conn: Connection, model_version: str, dim: int) -> int:
     return int(conn.execute(select(func.count()).select_from(source).where(where)).scalar_one())
 
 
-def build_rows(conn: Connection, model_version: str, dim: int) -> Any:
-    """Live items with an embedding of `model_version`, streamed (for index builds)."""
+def plan_for_whole_tables(conn: Connection) -> None:
+    """For the rest of this transaction (an index build's snapshot): join whole tables by
+    hashing or merging, never by a nested loop. Without planner statistics (a bulk load not yet
+    analysed) Postgres estimates the build's join at a few rows and loops over one index probe
+    per embedding: minutes for a million items instead of seconds."""
+    conn.execute(text("SET LOCAL enable_nestloop = off"))
+
+
+def build_chunks(
+    conn: Connection, model_version: str, dim: int, size: int
+) -> Iterator[Sequence[Row]]:
+    """Live items with an embedding of `model_version`, `size` rows at a time from a
+    server-side cursor (for index builds: memory stays bounded whatever the inventory)."""
     source, where = _searchable(model_version, dim)
-    return conn.execution_options(stream_results=True, yield_per=2000).execute(
+    result = conn.execution_options(stream_results=True, yield_per=size).execute(
         select(
             items.c.id,
             items.c.category,
             items.c.price,
+            items.c.image_sha256,
             embeddings.c.predicted_category,
             embeddings.c.vector,
         )
@@ -351,6 +384,7 @@ def build_rows(conn: Connection, model_version: str, dim: int) -> Any:
         .where(where)
         .order_by(items.c.id)
     )
+    yield from result.partitions()
 
 
 def settled_change_seq(conn: Connection, settle_s: float) -> tuple[int, int]:
@@ -374,48 +408,99 @@ def settled_change_seq(conn: Connection, settle_s: float) -> tuple[int, int]:
     return int(row.settled), int(row.newest)
 
 
-def changes_since(conn: Connection, seq: int, settle_s: float) -> list[Row]:
-    """(id, change_seq, settled) of items changed after `seq`: the cheap per-search delta probe."""
+@dataclass(frozen=True)
+class Horizon:
+    """When the probe's snapshot is certain to hold every change made before some instant."""
+
+    now: Any  # the database clock (clock_timestamp()) when this was read
+    oldest: Any  # start of the oldest transaction of another session in progress (None: none)
+    hidden: int  # sessions of this database whose state this role may not see
+
+    @property
+    def since(self) -> Any:
+        """Every transaction that started before this instant has ended (None: unknown)."""
+        if self.hidden:
+            return None
+        return self.now if self.oldest is None else self.oldest
+
+
+HORIZON_SQL = text(
+    # A transaction caches pg_stat_activity at its first read: clear it, read it fresh.
+    "SELECT pg_stat_clear_snapshot(); "
+    "SELECT clock_timestamp() AS now, min(xact_start) AS oldest, "
+    "count(*) FILTER (WHERE state IS NULL) AS hidden FROM pg_stat_activity "
+    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+    "AND backend_type = 'client backend'"
+)
+
+
+def write_horizon(conn: Connection) -> Horizon:
+    """See index_state.Delta: the instant before which no writer can still be in flight."""
+    row = conn.execute(HORIZON_SQL).one()
+    return Horizon(row.now, row.oldest, int(row.hidden))
+
+
+PROBE_PAGE = 10_000
+
+
+def probe_changes(conn: Connection, seq: int, settle_s: float, page: int = PROBE_PAGE) -> list[Row]:
+    """Items changed after `seq`, in change_seq order: the per-search delta probe.
+
+    (id, change_seq, settled, deleted, image_sha256, category, price): with predictions_of, what
+    tells whether the change left the item as a build has it. One index range scan of one table
+    per `page` rows (a closed range, see MAX_SEQ), whatever the table's statistics.
+    """
     settled = items.c.updated_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, settle_s)
-    return list(
-        conn.execute(
-            select(items.c.id, items.c.change_seq, settled.label("settled"))
-            .where(items.c.change_seq > seq)
-            .order_by(items.c.change_seq)
+    query = (
+        select(
+            items.c.id,
+            items.c.change_seq,
+            settled.label("settled"),
+            items.c.deleted_at.is_not(None).label("deleted"),
+            items.c.image_sha256,
+            items.c.category,
+            items.c.price,
         )
+        .order_by(items.c.change_seq)
+        .limit(page)
     )
+    rows: list[Row] = []
+    while True:
+        got = list(conn.execute(query.where(_after(seq))))
+        rows.extend(got)
+        if len(got) < page:
+            return rows
+        seq = got[-1].change_seq
 
 
-def delta_rows(
-    conn: Connection, item_ids: Iterable[uuid.UUID], model_version: str | None
-) -> list[Row]:
-    """Current state of changed items, with the vector of `model_version` when there is one."""
-    ids = list(item_ids)
-    if not ids:
-        return []
-    join_on = (
-        and_(
-            embeddings.c.image_sha256 == items.c.image_sha256,
+def predictions_of(
+    conn: Connection, image_sha256s: Collection[str], model_version: str
+) -> dict[str, str | None]:
+    """image sha256 → predicted category under `model_version`, for images with a vector of it."""
+    if not image_sha256s:
+        return {}
+    rows = conn.execute(
+        select(embeddings.c.image_sha256, embeddings.c.predicted_category).where(
             embeddings.c.model_version == model_version,
-        )
-        if model_version is not None
-        else false()
-    )
-    return list(
-        conn.execute(
-            select(
-                items.c.id,
-                items.c.change_seq,
-                items.c.deleted_at,
-                items.c.category,
-                items.c.price,
-                embeddings.c.predicted_category,
-                embeddings.c.vector,
-            )
-            .select_from(items.outerjoin(embeddings, join_on))
-            .where(items.c.id.in_(ids))
+            embeddings.c.image_sha256.in_(list(image_sha256s)),
         )
     )
+    return {row.image_sha256: row.predicted_category for row in rows}
+
+
+def vectors_of(
+    conn: Connection, image_sha256s: Collection[str], model_version: str
+) -> dict[str, bytes]:
+    """image sha256 → vector bytes of `model_version` (images without one are left out)."""
+    if not image_sha256s:
+        return {}
+    rows = conn.execute(
+        select(embeddings.c.image_sha256, embeddings.c.vector).where(
+            embeddings.c.model_version == model_version,
+            embeddings.c.image_sha256.in_(list(image_sha256s)),
+        )
+    )
+    return {row.image_sha256: row.vector for row in rows}
 
 
 # ---- embeddings ------------------------------------------------------------------------------

@@ -4,8 +4,13 @@ Guarantees: exactly min(k, eligible) distinct items, sorted by exact cosine (hig
 is approximate and can return fewer neighbours than asked (notably on small or filtered indexes),
 so when its candidates run short the build's vectors are scanned exactly instead.
 Annoy only proposes candidates (at least `candidates` of them, in the trees' space, which may be
-a projection: see builder.write_ann); they are re-scored exactly from vectors.npy, so recall@k
-grows with the candidate count while every returned score is an exact cosine.
+a projection: see builder.write_ann); they are re-scored in the full dimension from vectors.npy
+(exact cosines of the stored vectors: float32, or float16 / int8 within ~1e-3), so recall@k
+grows with the candidate count.
+
+Without filters nothing here is proportional to the build's size: the candidates are checked
+against the delta's masked positions and the excluded ids (binary searches), never through a
+mask over every item. Filters build one vectorised mask over the build's integer codes.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from fashionrec_shared.schemas import SearchFilters
 
-from fashionrec_indexer.index_files import LoadedIndex
 from fashionrec_indexer.index_state import DeltaView
-from fashionrec_indexer.settings import ANN_CANDIDATES, SEARCH_K
+from fashionrec_indexer.loaded_index import LoadedIndex
+from fashionrec_indexer.settings import ANN_CANDIDATES, SEARCH_K, SEARCH_K_PER_CANDIDATE
 
 # Below this share of eligible build items Annoy mostly returns filtered-out ones: scan exactly.
 EXACT_BELOW_FRACTION = 0.2
@@ -33,7 +38,7 @@ class SearchRequest:
 
     `query` must be L2-normalised (full dimension). `candidates`: Annoy answers re-scored
     exactly (at least; more when filters or the delta mask out part of the build). `search_k`:
-    Annoy's; -1 = candidates x n_trees.
+    Annoy's; -1 = SEARCH_K_PER_CANDIDATE x the candidates asked.
     """
 
     query: np.ndarray
@@ -48,6 +53,7 @@ class SearchRequest:
 class SearchStats:
     annoy_used: bool = False
     fallback: bool = False
+    scored: int = 0  # build vectors scored (candidates, or the eligible part on an exact scan)
 
 
 def _filter_mask(
@@ -82,9 +88,29 @@ def _top(scores: np.ndarray, n: int) -> np.ndarray:
     return part[np.argsort(-scores[part], kind="stable")]
 
 
+def build_mask(build: LoadedIndex, filters: SearchFilters) -> np.ndarray:
+    """Build rows that pass every filter (one vectorised pass over the item codes)."""
+    items = build.items
+    mask = np.ones(build.size, dtype=bool)
+    if filters.category is not None:
+        mask &= items.categories.matches(filters.category)
+    # Like `category`, on the served model's prediction; items without one drop out.
+    if filters.predicted_category is not None:
+        mask &= items.predicted.matches(filters.predicted_category)
+    # NaN (no price) compares False, so unpriced items drop out when a price bound is given.
+    if filters.min_price is not None:
+        mask &= items.prices >= filters.min_price
+    if filters.max_price is not None:
+        mask &= items.prices <= filters.max_price
+    return mask
+
+
 def annoy_candidates(build: LoadedIndex, query: np.ndarray, n: int, search_k: int) -> list[int]:
-    """Annoy's n nearest positions (may return fewer: a known Annoy behaviour)."""
+    """Annoy's n nearest positions (may return fewer: a known Annoy behaviour); search_k -1:
+    SEARCH_K_PER_CANDIDATE x n (see settings)."""
     assert build.annoy is not None
+    if search_k < 0:
+        search_k = n * SEARCH_K_PER_CANDIDATE
     return build.annoy.get_nns_by_vector(build.ann_vector(query), n, search_k=search_k)
 
 
@@ -110,37 +136,58 @@ def _search_build(
     build: LoadedIndex,
     query: np.ndarray,
     k: int,
-    mask: np.ndarray,
+    filters: SearchFilters,
+    blocked: np.ndarray,
     search_k: int,
     candidates: int,
 ) -> tuple[list[tuple[uuid.UUID, float]], SearchStats]:
-    eligible = int(mask.sum())
+    """Top-k of the build; `blocked`: sorted unique positions that may not answer (stale in
+    the delta, excluded)."""
+    mask = build_mask(build, filters) if filters.any_set() else None
+    if mask is not None:
+        mask[blocked] = False
+        eligible = int(mask.sum())
+    else:
+        eligible = build.size - len(blocked)
+
+    def allowed(positions: np.ndarray) -> np.ndarray:
+        if mask is not None:
+            return mask[positions]
+        if not len(blocked):
+            return np.ones(len(positions), dtype=bool)
+        return ~np.isin(positions, blocked)
+
     need = min(k, eligible)
     if need == 0:
         return [], SearchStats()
-    positions: list[int] = []
+    chosen = np.empty(0, dtype=np.int64)
     use_annoy = build.annoy is not None and eligible >= EXACT_BELOW_FRACTION * build.size
     if use_annoy:
         # Over-fetch in proportion to what the filters and the delta mask out.
         n = min(build.size, max(candidates, math.ceil(need * OVERFETCH * build.size / eligible)))
         while True:
-            candidates = dict.fromkeys(annoy_candidates(build, query, n, search_k))
-            positions = [p for p in candidates if mask[p]]
-            if len(positions) >= need or n >= build.size:
+            found = np.fromiter(
+                dict.fromkeys(annoy_candidates(build, query, n, search_k)), dtype=np.int64
+            )
+            chosen = found[allowed(found)] if len(found) else found
+            if len(chosen) >= need or n >= build.size:
                 break
             n = min(build.size, n * OVERFETCH)
-    if len(positions) >= need:
-        chosen = np.sort(np.array(positions, dtype=np.int64))  # sequential reads of the mmap
-        scores = np.asarray(build.vectors[chosen]) @ query
-        order = _top(scores, need)
-        hits = [(build.ids[int(chosen[i])], float(scores[i])) for i in order]
-        return hits, SearchStats(annoy_used=True)
-    # Exact scan of the eligible part of the build.
-    chosen = np.flatnonzero(mask)
-    scores = np.asarray(build.vectors[chosen]) @ query
+    fallback = len(chosen) < need
+    if fallback:  # exact scan of the eligible part of the build
+        if mask is None:
+            mask = np.ones(build.size, dtype=bool)
+            mask[blocked] = False
+        chosen = np.flatnonzero(mask)
+    chosen = np.sort(chosen)  # sequential reads of the mmap
+    if fallback and len(chosen) == build.size:
+        scores = build.vectors.scan(query)
+    else:
+        scores = build.vectors.scan(query, chosen)
     order = _top(scores, need)
     hits = [(build.ids[int(chosen[i])], float(scores[i])) for i in order]
-    return hits, SearchStats(annoy_used=use_annoy, fallback=use_annoy)
+    stats = SearchStats(annoy_used=use_annoy, fallback=use_annoy and fallback, scored=len(chosen))
+    return hits, stats
 
 
 def _search_delta(
@@ -172,13 +219,12 @@ def search(
     hits: list[tuple[uuid.UUID, float]] = []
     stats = SearchStats()
     if build is not None and build.size:
-        mask = _filter_mask(build.categories, build.prices, filters, build.predicted_categories)
-        mask[delta.masked_positions] = False  # stale entries: the delta has their current state
-        for item_id in excluded:
-            position = build.positions.get(item_id)
-            if position is not None:
-                mask[position] = False
-        hits, stats = _search_build(build, query, k, mask, request.search_k, request.candidates)
+        # Stale entries (the delta has their current state) and excluded items.
+        out = build.ids.lookup(list(excluded))
+        blocked = np.union1d(delta.masked_positions, out[out >= 0])
+        hits, stats = _search_build(
+            build, query, k, filters, blocked, request.search_k, request.candidates
+        )
     if delta.ids:
         hits.extend(_search_delta(delta, query, k, filters, excluded))
     hits.sort(key=lambda hit: -hit[1])

@@ -26,7 +26,20 @@ N_TREES = 50
 ANN_DIM = 256  # 0: trees over the full vectors (no projection)
 ANN_PROJECTION = "pca"
 ANN_CANDIDATES = 100
-SEARCH_K = -1  # Annoy default: candidates x n_trees
+SEARCH_K = -1  # SEARCH_K_PER_CANDIDATE x the candidates asked for
+# Annoy scores every distinct item of the leaves it visits (up to search_k of them) in the
+# trees' space: with Annoy's own default (candidates x n_trees = 5000) that work grows with the
+# inventory until it holds ~5000 items, then stays (a 100k build: 0.70 ms of a 1.03 ms search,
+# a 1k one: 0.25 of 0.53). 20 per candidate (2000): 0.34 ms at 100k, recall@5 0.9973 -> 0.9967
+# (1k: 0.999 both; benchmarks/scale.py mixtures, PCA 256, 50 trees, 100 candidates).
+# A fixed search_k keeps the query cost flat but not the recall: at 1M items of the isotropic
+# 1280-d mixture, recall@5 is 0.50 at 2000, 0.64 at 5000, 0.85 at 20000 and 0.95 only at 50000
+# (~20 ms a query); raise FASHIONREC_INDEXER_SEARCH_K for inventories that large.
+SEARCH_K_PER_CANDIDATE = 20
+# How a build stores the vectors it re-scores per query (benchmarks/scale.py: recall@5 against
+# exact float32 search the same for all three; float16 halves the files and the page cache a
+# query touches, int8 quarters them).
+VECTOR_DTYPE = "float16"
 
 
 def normalise_database_url(url: str) -> str:
@@ -54,13 +67,15 @@ class IndexerSettings(ServiceSettings):
     port: int = 8001
     index_dir: Path = Path("data/index-cache")
     n_trees: int = Field(default=N_TREES, ge=1)
-    # Annoy nodes inspected per query; -1 = Annoy's default (n asked x n_trees).
+    # Annoy nodes inspected per query; -1 = SEARCH_K_PER_CANDIDATE x the candidates asked.
     search_k: int = SEARCH_K
     # Dimension of the space the Annoy trees are built in (0 or ≥ the embedding dim: none).
     ann_dim: int = Field(default=ANN_DIM, ge=0)
     ann_projection: Literal["pca", "random"] = ANN_PROJECTION
     # Annoy candidates re-scored exactly per query (at least; more when filters need it).
     ann_candidates: int = Field(default=ANN_CANDIDATES, ge=1)
+    # How builds store the vectors queries re-score (see builder.build_index).
+    vector_dtype: Literal["float32", "float16", "int8"] = VECTOR_DTYPE
     rebuild_min_new: int = Field(default=1000, ge=1)
     rebuild_interval_s: float = Field(default=600, gt=0)
     refresh_interval_s: float = Field(default=1.0, gt=0)

@@ -223,6 +223,7 @@ def create_worker_app(settings: IndexerSettings) -> Celery:
             n_trees=settings.n_trees,
             ann_dim=settings.ann_dim,
             ann_projection=settings.ann_projection,
+            vector_dtype=settings.vector_dtype,
             force=data.force,
             reason=data.reason,
             settle_s=settings.settle_s,

@@ -1,8 +1,9 @@
 """Top-k search: by a query vector (POST /search) and by a stored item (GET /items/{id}/similar).
 
 Both read one snapshot with its delta refreshed (see index_state), answer with the model version
-the snapshot serves, and time their stages into the search-latency histogram; POST /search also
-sends them as Server-Timing (the gateway passes them on).
+the snapshot serves, and time their stages into the search-latency histogram and the
+Server-Timing header (the gateway passes them on): `delta` (the per-query delta probe), `item`
+(similar: the item and its vector), `ann` (top-k over the build and the delta), `metadata`.
 """
 
 from __future__ import annotations
@@ -42,10 +43,6 @@ class Stopwatch:
         self.stages[stage] = now - self._last
         self.metrics.search_latency.labels(self.endpoint, stage).observe(now - self._last)
         self._last = now
-
-    def restart(self) -> None:
-        """The next lap starts now (what ran since is nobody's stage)."""
-        self._last = time.perf_counter()
 
     def total(self) -> None:
         elapsed = time.perf_counter() - self.started
@@ -147,6 +144,7 @@ def search_vector(
 @router.get("/items/{item_id}/similar", response_model=IndexerSearchResponse)
 def similar(
     item_id: str,
+    response: Response,
     engine: EngineDep,
     snapshot: SnapshotDep,
     metrics: MetricsDep,
@@ -158,9 +156,11 @@ def similar(
     item = item_uuid(item_id)
     with engine.connect() as conn:
         view = snapshot.view(conn)
-        if repo.get_item(conn, item) is None:
-            raise ProblemError(404, "Not Found", f"no item {item_id!r}")
+        watch.lap("delta")
         row = repo.item_vector(conn, item, view.model_version)
+        if row is None and not repo.item_exists(conn, item):
+            raise ProblemError(404, "Not Found", f"no item {item_id!r}")
+    watch.lap("item")
     if row is None or row.dim != view.dim:
         raise ProblemError(
             409, "Conflict", f"item {item_id} has no embedding for the active model yet"
@@ -174,7 +174,7 @@ def similar(
         search_k=settings.search_k,
         candidates=settings.ann_candidates,
     )
-    watch.restart()
     found = _answer(engine, view, request, watch)
     watch.total()
+    response.headers["Server-Timing"] = watch.server_timing()
     return found
