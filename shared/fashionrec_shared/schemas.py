@@ -12,10 +12,10 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from fashionrec_shared.tasks import ImageRef, Predicted
+from fashionrec_shared.tasks import MAX_QUERY_PHOTOS, Colour, ImageRef, Predicted
 
 ItemStatus = Literal["pending", "indexed", "failed"]
 JobStatus = Literal["queued", "running", "completed", "failed"]
@@ -23,6 +23,13 @@ JobStatus = Literal["queued", "running", "completed", "failed"]
 MAX_K = 50
 # Items per `POST /v1/items/batch` (and the indexer's bulk upsert).
 MAX_BATCH_ITEMS = 256
+# `POST /v1/recommend`: liked + disliked examples (photos and item ids), photos among them (one
+# embedder batch), and items in `exclude`.
+MAX_RECOMMEND_EXAMPLES = 32
+MAX_RECOMMEND_PHOTOS = MAX_QUERY_PHOTOS
+MAX_EXCLUDE = 1000
+
+RecommendStrategy = Literal["average", "best_score"]
 
 
 # ---- values Postgres can store -------------------------------------------------------------
@@ -98,6 +105,12 @@ class ItemMetadata(BaseModel):
     category: StoredText | None = Field(default=None, max_length=128)
     price: float | None = Field(default=None, ge=0, le=1e9)
     attributes: dict[str, Any] = Field(default_factory=dict)
+    group: StoredText | None = Field(
+        default=None,
+        max_length=128,
+        description="the product this item is a variant of (colourway, size): results show one "
+        "item per group unless collapse=false",
+    )
 
     @field_validator("attributes")
     @classmethod
@@ -139,6 +152,31 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = None
 
 
+class Reasons(BaseModel):
+    """What a result shares with the query, in garment terms (`explain=false` leaves it out).
+
+    For a recommendation the query is the liked example the result is closest to (`like`)."""
+
+    score: float = Field(description="the result's score")
+    like: int | None = Field(
+        default=None,
+        description="recommend only: the liked example the result is closest to (0-based: "
+        "liked photos in request order, then liked item ids)",
+    )
+    category: str | None = Field(
+        default=None, description="the predicted category both have (a trained model's heads)"
+    )
+    attributes: dict[str, list[str]] = Field(
+        default_factory=dict, description="predicted attribute labels both have, by type"
+    )
+    colours: list[str] = Field(
+        default_factory=list, description="dominant colours (palette names) both have"
+    )
+
+
+REASONS_HELP = "what the result shares with the query; null with explain=false"
+
+
 class SearchResult(BaseModel):
     item_id: str
     sku: str
@@ -148,6 +186,9 @@ class SearchResult(BaseModel):
     score: float = Field(description="cosine similarity in [-1, 1], highest first")
     image_url: str
     predicted: Predicted | None = Field(default=None, description=PREDICTED_HELP)
+    group: str | None = None
+    colours: list[Colour] | None = Field(default=None, description="the image's dominant colours")
+    reasons: Reasons | None = Field(default=None, description=REASONS_HELP)
 
 
 class SearchResponse(BaseModel):
@@ -202,6 +243,8 @@ class ItemOut(BaseModel):
     image_url: str
     model_version: str | None = None
     predicted: Predicted | None = Field(default=None, description=PREDICTED_HELP)
+    group: str | None = None
+    colours: list[Colour] | None = Field(default=None, description="the image's dominant colours")
     created_at: datetime
     updated_at: datetime
 
@@ -272,6 +315,8 @@ class IndexerItem(BaseModel):
     image: ImageRef
     model_version: str | None = None
     predicted: Predicted | None = Field(default=None, description=PREDICTED_HELP)
+    group: str | None = None
+    colours: list[Colour] | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -281,6 +326,54 @@ class VectorQuery(BaseModel):
     model_version: str
     k: int = Field(default=5, ge=1, le=MAX_K)
     filters: SearchFilters = Field(default_factory=SearchFilters)
+    collapse: bool = True
+    explain: bool = True
+    # The photo's predictions and colours, for the results' reasons.
+    predicted: Predicted | None = None
+    colours: list[Colour] | None = None
+
+
+class QueryExample(BaseModel):
+    """A photo the gateway had embedded (a recommendation's liked or disliked example)."""
+
+    vector: str = Field(description="base64 little-endian float32, as sent by the embedder")
+    predicted: Predicted | None = None
+    colours: list[Colour] | None = None
+
+
+class RecommendQuery(BaseModel):
+    """The indexer's `POST /recommend`: liked and disliked photos (embedded) and item ids.
+
+    `average`: one query vector, the mean of the liked minus `negative_weight` x the mean of the
+    disliked, normalised. `best_score`: each candidate scores its best cosine to any liked
+    example, less `negative_weight` x how much closer it is to its closest disliked one
+    (max(0, best_disliked - best_liked)). Example items never answer, nor do `exclude`d ones.
+    """
+
+    model_version: str
+    liked: list[QueryExample] = Field(default_factory=list, max_length=MAX_RECOMMEND_PHOTOS)
+    disliked: list[QueryExample] = Field(default_factory=list, max_length=MAX_RECOMMEND_PHOTOS)
+    liked_items: list[str] = Field(default_factory=list, max_length=MAX_RECOMMEND_EXAMPLES)
+    disliked_items: list[str] = Field(default_factory=list, max_length=MAX_RECOMMEND_EXAMPLES)
+    strategy: RecommendStrategy = "average"
+    negative_weight: float = Field(default=0.5, ge=0.0, le=2.0)
+    k: int = Field(default=5, ge=1, le=MAX_K)
+    filters: SearchFilters = Field(default_factory=SearchFilters)
+    exclude: list[str] = Field(default_factory=list, max_length=MAX_EXCLUDE)
+    min_score: float | None = Field(default=None, ge=-1.0, le=1.0)
+    collapse: bool = True
+    explain: bool = True
+
+    @model_validator(mode="after")
+    def _examples(self) -> RecommendQuery:
+        if not self.liked and not self.liked_items:
+            raise ValueError("at least one liked example (a photo or an item id) is needed")
+        total = (
+            len(self.liked) + len(self.disliked) + len(self.liked_items) + len(self.disliked_items)
+        )
+        if total > MAX_RECOMMEND_EXAMPLES:
+            raise ValueError(f"{total} examples, at most {MAX_RECOMMEND_EXAMPLES} are allowed")
+        return self
 
 
 class IndexerHit(BaseModel):
@@ -292,6 +385,9 @@ class IndexerHit(BaseModel):
     score: float
     image: ImageRef
     predicted: Predicted | None = None
+    group: str | None = None
+    colours: list[Colour] | None = None
+    reasons: Reasons | None = None
 
 
 class IndexerSearchResponse(BaseModel):

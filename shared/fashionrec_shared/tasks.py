@@ -20,6 +20,7 @@ class Queue(StrEnum):
 
 class TaskName(StrEnum):
     EMBED_QUERY = "fashionrec.embedder.embed_query"
+    EMBED_QUERIES = "fashionrec.embedder.embed_queries"
     EMBED_ITEMS = "fashionrec.embedder.embed_items"
     STORE_EMBEDDINGS = "fashionrec.indexer.store_embeddings"
     BUILD_INDEX = "fashionrec.indexer.build_index"
@@ -29,6 +30,7 @@ class TaskName(StrEnum):
 
 TASK_QUEUES: dict[TaskName, Queue] = {
     TaskName.EMBED_QUERY: Queue.EMBED,
+    TaskName.EMBED_QUERIES: Queue.EMBED,
     TaskName.EMBED_ITEMS: Queue.EMBED,
     TaskName.STORE_EMBEDDINGS: Queue.INDEX,
     TaskName.BUILD_INDEX: Queue.INDEX,
@@ -64,13 +66,38 @@ class Predicted(BaseModel):
     attributes: dict[str, list[LabelScore]] = Field(default_factory=dict)
 
 
+class Colour(BaseModel):
+    """One dominant colour of a garment image, computed by the embedder when it embeds it."""
+
+    name: str = Field(description="the palette colour's name (black, navy, red, …)")
+    hex: str = Field(pattern=r"^#[0-9a-f]{6}$", description="mean colour of its pixels")
+    share: float = Field(ge=0.0, le=1.0, description="its share of the garment's pixels")
+
+
 class EmbedQueryResult(BaseModel):
     vector: str = Field(description="base64 of little-endian float32, L2-normalised")
     dim: int
     model_version: str
     predicted: Predicted | None = None
+    # Dominant colours, largest share first; None from an embedder older than colours.
+    colours: list[Colour] | None = None
     cached: bool = False
     timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+# Photos per `EMBED_QUERIES` task (a recommendation's liked and disliked photos).
+MAX_QUERY_PHOTOS = 8
+
+
+class EmbedQueries(BaseModel):
+    """Several query photos embedded in one model batch, all with the same model version."""
+
+    images: list[ImageRef] = Field(min_length=1, max_length=MAX_QUERY_PHOTOS)
+    model_version: str | None = None
+
+
+class EmbedQueriesResult(BaseModel):
+    results: list[EmbedQueryResult] = Field(description="one per image, in request order")
 
 
 class EmbedItem(BaseModel):
@@ -91,6 +118,7 @@ class ItemEmbedding(BaseModel):
     image_sha256: str
     vector: str = Field(description="base64 of little-endian float32, L2-normalised")
     predicted: Predicted | None = None
+    colours: list[Colour] | None = None
 
 
 class ItemFailure(BaseModel):

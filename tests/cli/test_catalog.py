@@ -142,3 +142,32 @@ def test_missing_catalogue_or_images_dir(tmp_path: Path, images: Path) -> None:
     path = _write(tmp_path / "cat.csv", "sku,image\n")
     with pytest.raises(CatalogError, match="images directory not found"):
         read_catalog(path, tmp_path / "missing")
+
+
+def test_an_optional_group_column_names_the_variants_product(tmp_path: Path, images: Path) -> None:
+    path = _write(
+        tmp_path / "cat.csv",
+        "sku,title,image,group,colour\n"
+        "G1,Tee red,a.jpg,TEE-1,red\n"
+        "G2,Tee blue,b.jpg, TEE-1 ,blue\n"
+        "G3,Single,c.png,,green\n"
+        f"G4,Too long,a.jpg,{'x' * 129},\n",
+    )
+    catalog = read_catalog(path, images)
+    assert [(r.sku, r.group) for r in catalog.rows] == [
+        ("G1", "TEE-1"),
+        ("G2", "TEE-1"),
+        ("G3", None),
+    ]
+    # The group is the item's own field, not an attribute; a row without one sends no key.
+    assert catalog.rows[0].metadata()["group"] == "TEE-1"
+    assert catalog.rows[0].attributes == {"colour": "red"}
+    assert "group" not in catalog.rows[2].metadata()
+    [error] = catalog.errors
+    assert error.line == 5 and "group" in error.message
+
+    jsonl = _write(
+        tmp_path / "cat.jsonl",
+        json.dumps({"sku": "J1", "image": "a.jpg", "group": "COAT-9"}) + "\n",
+    )
+    assert read_catalog(jsonl, images).rows[0].metadata()["group"] == "COAT-9"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from fashionrec_cli.client import (
     parse_problem,
 )
 from fashionrec_cli.infra import free_port
-from fashionrec_cli.main import results_table
+from fashionrec_cli.main import recommend_table, results_table
 from fashionrec_shared.schemas import SearchResponse
 from rich.console import Console
 
@@ -123,3 +124,60 @@ def test_no_gateway_is_unreachable() -> None:
         pytest.raises(GatewayUnreachable, match="cannot reach the gateway"),
     ):
         client.ready()
+
+
+RECOMMEND_ANSWER = {
+    **ANSWER,
+    "results": [
+        {
+            **ANSWER["results"][0],
+            "group": "D",
+            "reasons": {"score": 0.91234, "like": 0, "category": "dress", "colours": ["red"]},
+        }
+    ],
+}
+ITEM = "0b7e3c1a-58a4-4c1e-9d55-8f2b0c7a9e11"
+
+
+def test_recommend_with_photos_sends_multipart_parts() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=RECOMMEND_ANSWER)
+
+    with client_for(handler) as client:
+        answer = client.recommend(
+            [PHOTO, ITEM], [Upload("b.png", b"png", "image/png")], ["x1"],
+            {"k": 3, "strategy": "best_score", "collapse": False, "min_score": None},
+        )  # fmt: skip
+    assert answer.results[0].reasons is not None and answer.results[0].group == "D"
+    [request] = seen
+    assert request.url.path == "/v1/recommend"
+    assert dict(request.url.params) == {"k": "3", "strategy": "best_score", "collapse": "false"}
+    body = request.content
+    assert request.headers["content-type"].startswith("multipart/form-data")
+    for part in (b'name="like"; filename="q.jpg"', b'name="dislike"; filename="b.png"'):
+        assert part in body
+    assert b'name="like_item"\r\n\r\n' + ITEM.encode() in body
+    assert b'name="exclude"\r\n\r\nx1' in body
+
+    out = io.StringIO()
+    Console(file=out, width=200).print(recommend_table(answer, ["q.jpg", ITEM]))
+    assert "category dress; colours red; closest to q.jpg" in out.getvalue()
+
+
+def test_recommend_with_ids_only_sends_json() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=RECOMMEND_ANSWER)
+
+    with client_for(handler) as client:
+        client.recommend([ITEM], ["d1"], [])
+    assert json.loads(seen[0].content) == {
+        "like_items": [ITEM],
+        "dislike_items": ["d1"],
+        "exclude": [],
+    }

@@ -117,3 +117,10 @@ def test_up_refuses_invalid_supervision_settings(
     result = runner.invoke(app, ["up", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "FASHIONREC_UP_" in result.output
+
+
+def test_recommend_refuses_an_example_that_is_neither_file_nor_id(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jpg"
+    result = runner.invoke(app, ["recommend", "--like", str(missing), "--gateway", "http://x"])
+    assert result.exit_code == 2
+    assert "no such file and not an item id" in result.output and str(missing) in result.output

@@ -21,6 +21,7 @@ import httpx
 import psutil
 import pytest
 from fashionrec_cli.infra import free_port
+from fashionrec_cli.synthetic import GarmentSpec, generate_catalog, write_catalog
 from fashionrec_shared.storage import S3BlobStore
 
 from tests.conftest import redis_db_url, s3_settings
@@ -132,3 +133,40 @@ def processes_using(path: Path) -> list[psutil.Process]:
         if str(path) in cmdline or any(str(path) in v for v in environ.values()):
             found.append(proc)
     return found
+
+
+# ---- a catalogue in the session's stack (recommend and demo-page tests) ---------------------
+
+CATALOG_SEED = 7  # the pipeline tests' catalogue: ingesting it again replaces the same items
+CATALOG_SIZE = 60
+
+
+@dataclass
+class IngestedCatalog:
+    specs: list[GarmentSpec]
+    dir: Path  # images under dir/images/<sku>.jpg
+
+    def image(self, spec: GarmentSpec) -> Path:
+        return self.dir / "images" / spec.image_name
+
+
+def ingest_with_cli(stack: RunningStack, catalog_path: Path, images: Path) -> str:
+    """`fashionrec ingest` (the real CLI) into the stack; its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fashionrec_cli", "ingest", str(catalog_path),
+         "--images", str(images), "--gateway", stack.url],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def ingested_catalog(
+    stack: RunningStack, tmp_path_factory: pytest.TempPathFactory
+) -> IngestedCatalog:
+    """The synthetic catalogue, ingested into the session's stack and indexed."""
+    out = tmp_path_factory.mktemp("shared-catalog")
+    specs = generate_catalog(CATALOG_SIZE, seed=CATALOG_SEED)
+    ingest_with_cli(stack, write_catalog(specs, out, fmt="csv"), out)
+    return IngestedCatalog(specs, out)

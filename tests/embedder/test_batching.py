@@ -42,6 +42,8 @@ from fashionrec_shared.storage import LocalBlobStore, content_key
 from fashionrec_shared.tasks import (
     EmbedItem,
     EmbedItems,
+    EmbedQueries,
+    EmbedQueriesResult,
     EmbedQuery,
     ImageRef,
     Queue,
@@ -518,6 +520,33 @@ def test_the_worker_embeds_concurrent_queries_and_single_items_in_one_batch(
     for result in [*sent_queries, *sent_items]:
         assert context.redis.get(deliveries_key(result.id)) == b"1"
     assert context.redis.hlen("unacked") == 0
+
+
+def test_the_worker_embeds_a_queries_task_in_one_model_call_in_request_order(
+    context: WorkerContext,
+) -> None:
+    app = create_worker_app(
+        context.settings, resources=EmbedderResources(context.settings, context)
+    )
+    photos = _images(5, seed=20)
+    refs = [_put(context, d, "uploads") for d in photos]
+    garbage = _put(context, b"\x89PNG but not really", "uploads")
+    sent = send(app, TaskName.EMBED_QUERIES, EmbedQueries(images=refs))
+    bad = send(app, TaskName.EMBED_QUERIES, EmbedQueries(images=[refs[0], garbage]))
+    with batching_worker(app, context.settings) as batcher:
+        raw = sent.get(timeout=60)
+        with pytest.raises(ValueError, match="cannot decode"):  # as EMBED_QUERY fails
+            bad.get(timeout=60)
+    results = EmbedQueriesResult.model_validate(raw).results
+    assert len(results) == len(photos)
+    for data, result in zip(photos, results, strict=True):
+        assert result.model_version == context.model.model_version and result.colours
+        np.testing.assert_allclose(
+            decode_vector(result.vector), _expected(context.model, data), atol=1e-4
+        )
+    # The five photos went to the model together; the failed task sent none.
+    assert batcher.stats.snapshot()["sizes"] == {5: 1}
+    assert context.redis.get(deliveries_key(sent.id)) == b"1"
 
 
 def test_a_bad_image_in_a_batch_fails_alone_and_the_rest_succeed(

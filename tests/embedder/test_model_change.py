@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from fashionrec_embedder import worker
 from fashionrec_embedder.model import Embedder
 from fashionrec_embedder.preprocess import decode_image
 from fashionrec_embedder.settings import EmbedderSettings
@@ -29,6 +30,7 @@ from fashionrec_shared.tasks import EmbedQueryResult, ModelOnline, StoreEmbeddin
 from fashionrec_shared.vectors import decode_vector
 
 from .conftest import encode, pattern_image, small_settings
+from .test_colours import garment_on
 from .test_main import settings_given_to_worker_app
 from .test_worker import worker_process
 
@@ -131,6 +133,32 @@ def test_items_without_a_version_are_embedded_with_every_loaded_model(
         assert [f.item_id for f in stored.failures] == ["b"]  # reported under each version
     first, second = (decode_vector(s.embeddings[0].vector, 2048) for s in sent)
     assert float(first @ second) < 0.9999
+
+
+def test_colours_are_computed_once_per_image_for_every_version(
+    context: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    computed: list[tuple[int, int]] = []
+
+    def counting(image: object) -> list:
+        computed.append(image.size)  # type: ignore[attr-defined]
+        return real(image)
+
+    real = worker.dominant_colours
+    monkeypatch.setattr(worker, "dominant_colours", counting)
+    fills = [(200, 30, 40), (25, 35, 90), (30, 110, 60)]
+    items = [
+        {"item_id": f"i{n}", "image": put(context, encode(garment_on(f), "JPEG", quality=90))}
+        for n, f in enumerate(fills)
+    ]
+    sent = Collector()
+    embed_items(context, {"items": items}, store_results=sent)
+    assert len(computed) == len(items)  # not once per model version
+    assert [s.model_version for s in sent] == [PRIMARY, PREVIOUS]
+    for stored in sent:
+        names = [e.colours[0].name for e in stored.embeddings if e.colours]
+        assert names == ["red", "navy", "green"]
+    assert [e.colours for e in sent[0].embeddings] == [e.colours for e in sent[1].embeddings]
 
 
 def test_a_reembed_job_embeds_with_the_requested_model_only(context: WorkerContext) -> None:

@@ -27,6 +27,7 @@ from fashionrec_embedder.worker import (
     WorkerContext,
     create_worker_app,
     embed_items,
+    embed_queries,
     embed_query,
 )
 from fashionrec_shared.celery_app import MAX_DELIVERIES
@@ -37,10 +38,16 @@ from fashionrec_shared.storage import (
     content_key,
 )
 from fashionrec_shared.task_base import PoisonMessage
-from fashionrec_shared.tasks import EmbedQueryResult, StoreEmbeddings, TaskName
+from fashionrec_shared.tasks import (
+    EmbedQueriesResult,
+    EmbedQueryResult,
+    StoreEmbeddings,
+    TaskName,
+)
 from fashionrec_shared.vectors import decode_vector
 
 from .conftest import encode, pattern_image, small_settings
+from .test_colours import garment_on
 
 
 @pytest.fixture
@@ -112,9 +119,23 @@ def test_embed_query_returns_a_unit_vector_with_timings(context: WorkerContext) 
     assert result.dim == 2048 and result.model_version == "resnet50-random-s7-px64"
     vector = decode_vector(result.vector, 2048)
     assert abs(np.linalg.norm(vector) - 1) < 1e-5
-    assert set(result.timings_ms) == {"fetch", "decode", "infer"}
+    assert set(result.timings_ms) == {"fetch", "decode", "colours", "infer"}
     expected = context.model.embed([decode_image(data, draft_size=64)])[0]
     np.testing.assert_allclose(vector, expected, atol=1e-6)
+
+
+def test_embed_query_and_embed_items_carry_the_dominant_colours(context: WorkerContext) -> None:
+    navy = _put(context, encode(garment_on((25, 35, 90)), "JPEG", quality=90), "uploads")
+    red = _put(context, encode(garment_on((200, 30, 40)), "JPEG", quality=90))
+    query = EmbedQueryResult.model_validate(embed_query(context, {"image": navy}))
+    assert query.colours and query.colours[0].name == "navy" and query.colours[0].share > 0.8
+    sent = Collector()
+    items = [{"item_id": "n", "image": navy}, {"item_id": "r", "image": red}]
+    embed_items(context, {"items": items}, store_results=sent)
+    [message] = sent
+    by_id = {e.item_id: e.colours for e in message.embeddings}
+    assert by_id["n"] == query.colours  # the same image gives the same colours either way
+    assert by_id["r"] and by_id["r"][0].name == "red"
 
 
 def test_embed_query_errors(context: WorkerContext) -> None:
@@ -126,6 +147,46 @@ def test_embed_query_errors(context: WorkerContext) -> None:
     context.store.put(ref["key"], encode(pattern_image()))  # bytes no longer match the sha
     with pytest.raises(ImageMismatch):
         embed_query(context, {"image": ref})
+
+
+def test_embed_queries_embeds_every_photo_in_one_model_call_in_order(
+    context: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fills = [(200, 30, 40), (25, 35, 90), (30, 110, 60), (240, 200, 40)]
+    refs = [_put(context, encode(garment_on(f), "JPEG", quality=90), "uploads") for f in fills]
+    singles = [EmbedQueryResult.model_validate(embed_query(context, {"image": r})) for r in refs]
+    real_run = context.model._run
+    calls: list[int] = []
+
+    def counting_run(batch: np.ndarray) -> list:
+        calls.append(len(batch))
+        return real_run(batch)
+
+    monkeypatch.setattr(context.model, "_run", counting_run)
+    raw = embed_queries(context, {"images": refs, "model_version": "not-loaded-here"})
+    assert calls == [len(refs)]  # one model call for the four photos
+    results = EmbedQueriesResult.model_validate(raw).results
+    assert [r.colours[0].name for r in results if r.colours] == ["red", "navy", "green", "yellow"]
+    for single, result in zip(singles, results, strict=True):
+        # A version this process does not hold: the primary embeds, as for EMBED_QUERY.
+        assert result.model_version == context.model.model_version and result.dim == 2048
+        np.testing.assert_allclose(
+            decode_vector(result.vector), decode_vector(single.vector), atol=1e-5
+        )
+        assert result.colours == single.colours
+        assert set(result.timings_ms) == {"fetch", "decode", "colours", "infer"}
+
+
+def test_embed_queries_fails_as_embed_query_does_for_a_bad_photo(context: WorkerContext) -> None:
+    good = _put(context, encode(pattern_image(), "JPEG"), "uploads")
+    with pytest.raises(BlobNotFound):
+        embed_queries(context, {"images": [good, _missing_ref()]})
+    garbage = _put(context, b"not an image at all", "uploads")
+    with pytest.raises(ValueError, match="cannot decode"):
+        embed_queries(context, {"images": [good, garbage]})
+    context.store.put(garbage["key"], encode(pattern_image()))  # bytes no longer match the sha
+    with pytest.raises(ImageMismatch):
+        embed_queries(context, {"images": [garbage, good]})
 
 
 def test_embed_items_embeds_good_images_and_reports_failures(context: WorkerContext) -> None:
@@ -256,7 +317,7 @@ def test_transient_storage_errors_propagate_for_retry(context: WorkerContext) ->
 
 def test_task_policy(context: WorkerContext) -> None:
     app = create_worker_app(context.settings)
-    for name in (TaskName.EMBED_QUERY, TaskName.EMBED_ITEMS):
+    for name in (TaskName.EMBED_QUERY, TaskName.EMBED_QUERIES, TaskName.EMBED_ITEMS):
         task = app.tasks[str(name)]
         assert task.autoretry_for == TRANSIENT_ERRORS
         assert Exception not in task.autoretry_for
@@ -264,6 +325,7 @@ def test_task_policy(context: WorkerContext) -> None:
         assert task.acks_late and task.reject_on_worker_lost
         assert task.soft_time_limit and task.time_limit
     assert app.conf.task_routes[str(TaskName.EMBED_ITEMS)] == {"queue": "embed"}
+    assert app.conf.task_routes[str(TaskName.EMBED_QUERIES)] == {"queue": "embed"}
 
 
 def _pop_task(client: redis.Redis, queue: str) -> tuple[dict[str, Any], list]:
@@ -293,6 +355,17 @@ def test_celery_tasks_run_end_to_end_and_send_store_embeddings(context: WorkerCo
         decode_vector(query.get()["vector"]), decode_vector(stored.embeddings[0].vector), 1e-5
     )
     assert context.redis.get("fashionrec:deliveries:e2e-1") == b"1"
+
+    queries = app.tasks[str(TaskName.EMBED_QUERIES)].apply(
+        args=[{"images": [ref, ref]}], task_id="qs"
+    )
+    assert queries.successful(), queries.traceback
+    results = EmbedQueriesResult.model_validate(queries.get()).results
+    assert len(results) == 2
+    for result in results:  # a batch of two: the same vector up to float rounding
+        np.testing.assert_allclose(
+            decode_vector(result.vector), decode_vector(query.get()["vector"]), atol=1e-5
+        )
 
 
 def test_heartbeat_writes_the_alive_key_with_ttl(redis_url: str) -> None:

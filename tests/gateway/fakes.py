@@ -10,7 +10,13 @@ from typing import Any
 
 import numpy as np
 from celery.exceptions import TimeoutError as CeleryTimeoutError
-from fashionrec_shared.tasks import EmbedQueryResult, Predicted
+from fashionrec_shared.tasks import (
+    Colour,
+    EmbedQueries,
+    EmbedQueriesResult,
+    EmbedQueryResult,
+    Predicted,
+)
 from fashionrec_shared.vectors import encode_vector
 
 
@@ -49,15 +55,27 @@ class FakeEmbedder:
     also_loaded: tuple[str, ...] = ()
     # What the heads predict for a query photo, per model version (none: no heads).
     predicted: dict[str, Predicted] = field(default_factory=dict)
+    # The dominant colours of every query photo.
+    colours: list[Colour] | None = None
+    # The vector per image sha (default: unit_vector()), to steer recommendations.
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __call__(self, app: Any, task: str, payload: Any, **options: Any) -> FakeResult:
         self.sent.append((str(task), payload.model_dump(mode="json"), options))
         wanted = getattr(payload, "model_version", None)
         version = wanted if wanted in self.also_loaded else self.model_version
-        result = EmbedQueryResult(
-            vector=encode_vector(unit_vector()),
+        if isinstance(payload, EmbedQueries):
+            results = [self._result(image.sha256, version) for image in payload.images]
+            answer = EmbedQueriesResult(results=results).model_dump(mode="json")
+        else:
+            answer = self._result(payload.image.sha256, version).model_dump(mode="json")
+        return FakeResult(value=answer, error=self.error)
+
+    def _result(self, sha256: str, version: str) -> EmbedQueryResult:
+        return EmbedQueryResult(
+            vector=encode_vector(self.vectors.get(sha256, unit_vector())),
             dim=8,
             model_version=version,
             predicted=self.predicted.get(version),
+            colours=self.colours,
         )
-        return FakeResult(value=result.model_dump(mode="json"), error=self.error)

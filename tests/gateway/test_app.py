@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -47,7 +48,10 @@ def test_demo_page(gateway: Gateway) -> None:
     response = gateway.client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    assert "/v1/search" in response.text
+    assert "/v1/search" in response.text and "/v1/recommend" in response.text
+    # Everything it needs is inline or served by the gateway: no CDN, no build step.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", response.text)
+    assert "<script src" not in response.text and "<link" not in response.text
 
 
 def test_unknown_route_is_a_problem(gateway: Gateway) -> None:

@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import redis
@@ -138,3 +139,59 @@ def test_concurrent_queries_get_their_own_results(celery_app: Celery, redis_url:
 
     with ThreadPoolExecutor(6) as pool:
         assert all(pool.map(one, range(n)))
+
+
+def batch_worker(
+    app: Celery, redis_url: str, seen: list[dict], answer: Any = None
+) -> threading.Thread:
+    """Takes one EMBED_QUERIES message and answers one result per image (or `answer`)."""
+
+    def work() -> None:
+        client = redis.Redis.from_url(redis_url)
+        popped = client.brpop(["embed"], timeout=10)
+        assert popped is not None
+        message = json.loads(popped[1])
+        [payload], _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        seen.append({"task": message["headers"]["task"], "payload": payload})
+        results = [RESULT.model_dump(mode="json") for _ in payload["images"]]
+        app.backend.store_result(
+            message["headers"]["id"],
+            answer if answer is not None else {"results": results},
+            "SUCCESS",
+        )
+        client.close()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_batch_of_photos_is_one_embed_queries_task(celery_app: Celery, redis_url: str) -> None:
+    seen: list[dict] = []
+    refs = [REF, ImageRef(key="uploads/" + "b" * 64 + ".png", sha256="b" * 64)]
+    worker = batch_worker(celery_app, redis_url, seen)
+    results = CeleryQueryEmbedder(celery_app).batch(refs, timeout_s=10, model_version="m1")
+    worker.join(5)
+    assert results == [RESULT, RESULT]
+    assert seen == [
+        {
+            "task": TaskName.EMBED_QUERIES.value,
+            "payload": {"images": [r.model_dump() for r in refs], "model_version": "m1"},
+        }
+    ]
+
+
+def test_a_batch_answer_that_does_not_fit_is_a_502(celery_app: Celery, redis_url: str) -> None:
+    seen: list[dict] = []
+    one = {"results": [RESULT.model_dump(mode="json")]}
+    worker = batch_worker(celery_app, redis_url, seen, answer=one)
+    with pytest.raises(ProblemError) as info:
+        CeleryQueryEmbedder(celery_app).batch([REF, REF], timeout_s=10)
+    worker.join(5)
+    assert info.value.status == 502 and "1 results" in str(info.value.detail)
+
+
+def test_no_worker_for_a_batch_is_a_504(celery_app: Celery) -> None:
+    with pytest.raises(ProblemError) as info:
+        CeleryQueryEmbedder(celery_app).batch([REF], timeout_s=0.3)
+    assert info.value.status == 504

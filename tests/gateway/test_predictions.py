@@ -86,7 +86,12 @@ def test_item_and_similar_carry_predictions(gateway: Gateway) -> None:
     assert body["predicted"] is None  # no query photo
     assert body["results"][0]["predicted"] == DRESS.model_dump(mode="json")
     [params] = gateway.indexer.calls_to("GET", f"/items/{ids[2]}/similar")
-    assert params == {"k": "2", "predicted_category": "dress"}
+    assert params == {
+        "k": "2",
+        "predicted_category": "dress",
+        "collapse": "true",
+        "explain": "true",
+    }
 
 
 # ---- the predicted_category filter and same_category ----------------------------------------

@@ -14,7 +14,7 @@ from fashionrec_indexer.db import make_engine, migrate
 from fashionrec_indexer.ingest import store_embeddings
 from fashionrec_shared.schemas import ItemMetadata
 from fashionrec_shared.storage import LocalBlobStore
-from fashionrec_shared.tasks import ImageRef, ItemEmbedding, Predicted, StoreEmbeddings
+from fashionrec_shared.tasks import Colour, ImageRef, ItemEmbedding, Predicted, StoreEmbeddings
 from fashionrec_shared.vectors import encode_vector
 from sqlalchemy import Engine
 
@@ -61,13 +61,16 @@ def upsert(
     category: str | None = None,
     price: float | None = None,
     job_id: uuid.UUID | None = None,
+    group: str | None = None,
 ) -> tuple[uuid.UUID, ImageRef]:
     image = image_for(image_tag or sku)
     with engine.begin() as conn:
         model = repo.active_model_version(conn)
         result = repo.upsert_item(
             conn,
-            ItemMetadata(sku=sku, title=f"title {sku}", category=category, price=price),
+            ItemMetadata(
+                sku=sku, title=f"title {sku}", category=category, price=price, group=group
+            ),
             image,
             model,
         )
@@ -85,6 +88,7 @@ def embed(
     job_id: uuid.UUID | None = None,
     model: str = MODEL,
     predicted: Predicted | None = None,
+    colours: list[Colour] | None = None,
 ) -> None:
     store_embeddings(
         engine,
@@ -98,6 +102,7 @@ def embed(
                     image_sha256=image.sha256,
                     vector=encode_vector(vector),
                     predicted=predicted,
+                    colours=colours,
                 )
             ],
         ),
@@ -112,11 +117,20 @@ def add_item(
     category: str | None = None,
     price: float | None = None,
     predicted: Predicted | None = None,
+    group: str | None = None,
+    colours: list[Colour] | None = None,
 ) -> uuid.UUID:
-    """An item with its embedding stored (indexed), with the model's predictions if given."""
-    item_id, image = upsert(engine, sku, category=category, price=price)
-    embed(engine, item_id, image, vector, predicted=predicted)
+    """An item with its embedding stored (indexed), with the model's predictions and the
+    image's colours if given."""
+    item_id, image = upsert(engine, sku, category=category, price=price, group=group)
+    embed(engine, item_id, image, vector, predicted=predicted, colours=colours)
     return item_id
+
+
+def colours(*names: str) -> list[Colour]:
+    """Dominant colours by palette name, largest share first."""
+    share = 1.0 / max(1, len(names))
+    return [Colour(name=name, hex="#000000", share=share) for name in names]
 
 
 def predicted(category: str | None, confidence: float = 0.9, **attributes: str) -> Predicted:

@@ -14,7 +14,7 @@ def test_migrations_apply_on_empty_database_and_are_idempotent(database_url: str
         tables = set(inspect(engine).get_table_names())
         assert {"items", "embeddings", "index_builds", "jobs", "job_items"} <= tables
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"
             assert conn.execute(text("SELECT nextval('items_change_seq')")).scalar() >= 1
     finally:
         engine.dispose()

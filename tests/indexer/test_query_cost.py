@@ -22,6 +22,7 @@ from fashionrec_indexer import search as search_module
 from fashionrec_indexer.api import create_app
 from fashionrec_indexer.builder import build_index
 from fashionrec_indexer.index_state import WARM_PROBES, IndexState
+from fashionrec_indexer.item_arrays import StoredVectors
 from fashionrec_indexer.search import SearchRequest, search, searchable_count
 from fashionrec_indexer.settings import IndexerSettings
 from fashionrec_shared.schemas import SearchFilters
@@ -182,6 +183,16 @@ def test_every_query_statement_uses_an_index_on_unanalysed_tables(
             assert similar.status_code == 200 and len(similar.json()["results"]) == 5
             assert client.get(f"/items/{ids[9]}").status_code == 200
             assert client.get(f"/items/{uuid.uuid4()}/similar").status_code == 404
+            liked = {
+                "model_version": MODEL,
+                "liked": [{"vector": encode_vector(vectors[11])}],
+                "liked_items": [str(ids[12]), str(ids[5])],
+                "disliked_items": [str(ids[13])],
+                "exclude": [str(ids[14])],
+            }
+            for strategy in ("average", "best_score"):
+                answer = client.post("/recommend", json={**liked, "strategy": strategy})
+                assert answer.status_code == 200 and len(answer.json()["results"]) == 5
     checked = 0
     for statement, parameters in statements:
         if not statement.lstrip().upper().startswith("SELECT") or "pg_stat" in statement:
@@ -191,7 +202,7 @@ def test_every_query_statement_uses_an_index_on_unanalysed_tables(
         indexes = {s[2] for s in plan if s[2] is not None}
         assert not seq and indexes <= QUERY_PATH_INDEXES, (statement, plan)
         checked += 1
-    assert checked >= 8
+    assert checked >= 12
 
 
 def test_a_build_right_after_a_bulk_write_serves_with_an_empty_delta(
@@ -307,3 +318,62 @@ def test_an_unfiltered_search_never_masks_the_whole_build(
         assert len(hits) == 5 and not {ids[8], ids[9]} & {h for h, _ in hits}
         assert stats.annoy_used and not stats.fallback
         assert stats.scored <= search_module.ANN_CANDIDATES
+
+
+def test_recommend_scores_candidates_only(
+    engine: Engine,
+    migrated_url: str,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Neither strategy masks or scans the build for an unfiltered recommendation: the vectors
+    it reads are Annoy's candidates per liked example and their re-scoring, whatever N."""
+    vectors = random_vectors(5000, seed=5)
+    ids = bulk_items(engine, vectors)
+    store = LocalBlobStore(tmp_path / "blobs")
+    build_index(engine, store, n_trees=5, settle_s=0)
+    settings = IndexerSettings(
+        database_url=migrated_url,
+        broker=BrokerSettings(url=redis_url),
+        storage=StorageSettings(backend="local", local_dir=tmp_path / "blobs"),
+        index_dir=tmp_path / "cache",
+        refresh_interval_s=0.05,
+        settle_s=0,
+    )
+
+    def whole_build(*args: Any) -> None:
+        raise AssertionError("an unfiltered recommendation built a mask over the whole build")
+
+    read: list[int] = []
+    rows_of = StoredVectors.__getitem__
+    scores_of = StoredVectors.scores
+
+    def counted_rows(self: StoredVectors, rows: Any) -> np.ndarray:
+        block = rows_of(self, rows)
+        read.append(len(block) if block.ndim > 1 else 1)
+        return block
+
+    def counted_scores(self: StoredVectors, rows: Any, query: np.ndarray) -> np.ndarray:
+        scores = scores_of(self, rows, query)
+        read.append(len(scores))
+        return scores
+
+    monkeypatch.setattr(search_module, "build_mask", whole_build)
+    monkeypatch.setattr(StoredVectors, "__getitem__", counted_rows)
+    monkeypatch.setattr(StoredVectors, "scores", counted_scores)
+    liked = [{"vector": encode_vector(vectors[n])} for n in (20, 21)]
+    body = {"model_version": MODEL, "liked": liked, "liked_items": [str(ids[22])], "k": 5}
+    with TestClient(create_app(settings)) as client:
+        for _ in range(200):
+            ready = client.get("/readyz")
+            if ready.status_code == 200 and ready.json()["index_version"]:
+                break
+            time.sleep(0.05)
+        for strategy, examples in (("average", 1), ("best_score", 3)):
+            read.clear()
+            answer = client.post("/recommend", json={**body, "strategy": strategy})
+            assert answer.status_code == 200 and len(answer.json()["results"]) == 5
+            # Per search: the Annoy candidates; then the candidates' and the hits' rows.
+            bound = examples * search_module.ANN_CANDIDATES + examples * 4 * 5 + 5
+            assert 0 < sum(read) <= bound, (strategy, read)

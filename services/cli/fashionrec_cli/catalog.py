@@ -1,7 +1,9 @@
 """Catalogue files for `fashionrec ingest`: CSV or JSON Lines, one item per row.
 
-Columns (CSV) or keys (JSONL): sku, title, category, price, image. `image` is a path relative to
-the images directory (default: the catalogue's directory); absolute paths are used as they are.
+Columns (CSV) or keys (JSONL): sku, title, category, price, image, and optionally group (the
+product the item is a variant of: a colourway or size; results show one item per group). `image`
+is a path relative to the images directory (default: the catalogue's directory); absolute paths
+are used as they are.
 Any other column goes into the item's attributes; an `attributes` column/key holding a JSON object
 is merged in too. A bad row never stops the reading: it becomes a `RowError` with its line number,
 and the good rows are still returned.
@@ -20,7 +22,7 @@ from fashionrec_shared.schemas import ItemMetadata
 from pydantic import ValidationError
 
 CatalogFormat = Literal["csv", "jsonl"]
-KNOWN_FIELDS = ("sku", "title", "category", "price", "image")
+KNOWN_FIELDS = ("sku", "title", "category", "price", "image", "group")
 _SUFFIX_FORMATS: dict[str, CatalogFormat] = {
     ".csv": "csv",
     ".jsonl": "jsonl",
@@ -53,16 +55,21 @@ class CatalogRow:
     price: float | None
     image_path: Path
     attributes: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None
 
     def metadata(self) -> dict[str, Any]:
-        """The `metadata` JSON of `POST /v1/items`."""
-        return {
+        """The `metadata` JSON of `POST /v1/items` (`group` only when set: a gateway older than
+        groups refuses the key)."""
+        meta: dict[str, Any] = {
             "sku": self.sku,
             "title": self.title,
             "category": self.category,
             "price": self.price,
             "attributes": self.attributes,
         }
+        if self.group is not None:
+            meta["group"] = self.group
+        return meta
 
 
 @dataclass
@@ -156,6 +163,7 @@ class _RowBuilder:
                 category=text("category"),
                 price=price,
                 attributes=attributes,
+                group=text("group"),
             )
         except ValidationError as exc:
             return RowError(line, _describe(exc), sku)
@@ -178,6 +186,7 @@ class _RowBuilder:
             price=meta.price,
             image_path=image_path,
             attributes=meta.attributes,
+            group=meta.group,
         )
 
 

@@ -232,6 +232,32 @@ class GatewayClient:
             BatchAccepted,
         )
 
+    def recommend(
+        self,
+        likes: Sequence[Upload | str],
+        dislikes: Sequence[Upload | str] = (),
+        exclude: Sequence[str] = (),
+        params: Mapping[str, Any] | None = None,
+    ) -> SearchResponse:
+        """Items ranked by liked and disliked examples: photos (`Upload`) and item ids (`str`).
+
+        With photos the examples go as multipart parts; ids alone as a JSON body."""
+        query = {key: _param(v) for key, v in (params or {}).items() if v is not None}
+        photos = [("like", x.part()) for x in likes if isinstance(x, Upload)]
+        photos += [("dislike", x.part()) for x in dislikes if isinstance(x, Upload)]
+        ids = {
+            "like_items": [x for x in likes if isinstance(x, str)],
+            "dislike_items": [x for x in dislikes if isinstance(x, str)],
+            "exclude": list(exclude),
+        }
+        body: dict[str, Any] = {"json": ids}
+        if photos:
+            form = {"like_item": ids["like_items"], "dislike_item": ids["dislike_items"]}
+            body = {"files": photos, "data": {**form, "exclude": ids["exclude"]}}
+        return self._call(
+            lambda: self.http.post("/v1/recommend", params=query, **body), 200, SearchResponse
+        )
+
     def search(
         self, image: Upload, k: int = 5, filters: Mapping[str, Any] | None = None
     ) -> SearchResponse:
@@ -300,6 +326,11 @@ class GatewayClient:
         except _Retryable as exc:
             return exc.response
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _param(value: Any) -> Any:
+    # Booleans as FastAPI reads them ("true"/"false", not "True").
+    return str(value).lower() if isinstance(value, bool) else value
 
 
 def _job_param(job_id: str | None) -> dict[str, str]:

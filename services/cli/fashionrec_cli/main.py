@@ -7,8 +7,9 @@ import shlex
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -212,6 +213,91 @@ def search(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
     Console().print(results_table(answer))
+
+
+Strategy = Literal["average", "best_score"]
+
+
+@app.command()
+def recommend(
+    like: Annotated[
+        list[str],
+        typer.Option("--like", help="a liked photo (an existing file) or item id; repeatable"),
+    ],
+    dislike: Annotated[
+        list[str] | None,
+        typer.Option("--dislike", help="a disliked photo or item id; repeatable"),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", help="an item id never to answer (already shown); repeatable"),
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=50, help="number of results")] = 5,
+    strategy: Annotated[
+        Strategy,
+        typer.Option(help="average: one blended query; best_score: best match to any liked"),
+    ] = "average",
+    negative_weight: Annotated[
+        float, typer.Option(min=0.0, max=2.0, help="how much the dislikes push away")
+    ] = 0.5,
+    min_score: Annotated[
+        float | None, typer.Option(min=-1.0, max=1.0, help="only results scoring at least this")
+    ] = None,
+    collapse: Annotated[bool, typer.Option(help="one result per variant group")] = True,
+    explain: Annotated[bool, typer.Option(help="ask for the results' reasons")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
+    gateway: GatewayOpt = "http://127.0.0.1:8000",
+) -> None:
+    """Items like the liked examples and unlike the disliked ones (photos and item ids).
+
+    fashionrec recommend --like a.jpg --like ITEM_ID --dislike b.jpg [--exclude ITEM_ID]
+    """
+    from fashionrec_cli.client import GatewayClient, GatewayError
+    from fashionrec_cli.examples import ExampleError, liked_names, read_examples
+
+    try:
+        likes = read_examples(like, "--like")
+        dislikes = read_examples(dislike or [], "--dislike")
+        excluded = [str(x) for x in read_examples(exclude or [], "--exclude", photos=False)]
+    except ExampleError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    params = {
+        "k": k,
+        "strategy": strategy,
+        "negative_weight": negative_weight,
+        "min_score": min_score,
+        "collapse": collapse,
+        "explain": explain,
+    }
+    try:
+        with GatewayClient(gateway) as client:
+            answer = client.recommend(likes, dislikes, excluded, params)
+    except GatewayError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(answer.model_dump_json(indent=2))
+    else:
+        Console().print(recommend_table(answer, liked_names(like, likes)))
+
+
+def recommend_table(answer: SearchResponse, likes: Sequence[str] = ()) -> Table:
+    """A recommendation as a table, best first, with what each result shares with the liked
+    example it is closest to (`likes`: their names, photos first, as reasons count them)."""
+    from rich.table import Table
+
+    from fashionrec_cli.examples import describe_reasons
+
+    table = Table(title=f"model {answer.model_version}, index {answer.index_version}")
+    for column in ("score", "sku", "title", "reasons"):
+        table.add_column(column)
+    # Folded, never cut: it is what the next --like or --exclude takes.
+    table.add_column("item_id", overflow="fold")
+    for hit in answer.results:
+        reasons = describe_reasons(hit.reasons, likes)
+        table.add_row(f"{hit.score:.3f}", hit.sku, hit.title or "", reasons, hit.item_id)
+    return table
 
 
 def results_table(answer: SearchResponse) -> Table:

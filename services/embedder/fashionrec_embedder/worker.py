@@ -7,8 +7,9 @@ prefork child builds its `WorkerContext` (blob store, Redis client, models) in
 announces itself with a heartbeat key the gateway's /readyz counts. The task policy, the
 poison-message guard included, is `fashionrec_shared.task_base.PolicyTask`.
 
-Task bodies are plain functions (`embed_query`, `embed_items`) taking a `WorkerContext`, so tests
-run them against real storage and Redis without a worker.
+Task bodies are plain functions (`embed_query`, `embed_queries`, `embed_items`) taking a
+`WorkerContext`, so tests run them against real storage and Redis without a worker. Every result
+carries the image's dominant colours (colours.py), computed once per decoded image.
 
 Dynamic batching (batching.py; on by default with one model process per worker): the worker
 runs Celery's threads pool with `batch_tasks` tasks in flight in the process that holds the
@@ -74,8 +75,11 @@ from fashionrec_shared.task_base import (
     policy_task,
 )
 from fashionrec_shared.tasks import (
+    Colour,
     EmbedItem,
     EmbedItems,
+    EmbedQueries,
+    EmbedQueriesResult,
     EmbedQuery,
     EmbedQueryResult,
     ImageRef,
@@ -90,6 +94,7 @@ from fashionrec_shared.vectors import encode_vector
 from PIL import Image
 
 from fashionrec_embedder.batching import Batcher, Priority, batching_active, worker_tasks
+from fashionrec_embedder.colours import dominant_colours, name_table
 from fashionrec_embedder.model import Embedded, Embedder
 from fashionrec_embedder.preprocess import decode_image
 from fashionrec_embedder.settings import EmbedderSettings
@@ -311,6 +316,7 @@ class WorkerContext:
     def build(cls, settings: EmbedderSettings) -> WorkerContext:
         model = Embedder(settings)
         model.load()
+        name_table()  # the colour names' lookup table, before the first image needs it
         return cls(
             settings=settings,
             store=make_blob_store(settings.storage),
@@ -441,6 +447,35 @@ def _valid_vector(vector: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(vector))) and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3
 
 
+def _model_for(context: WorkerContext, version: str | None) -> Embedder:
+    # The version the index serves if this process holds it, else the primary (the indexer
+    # answers 409 naming its version and the gateway asks again).
+    return context.models.get(version or "", context.model)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def _query_result(
+    model: Embedder,
+    embedded: Embedded,
+    colours: list[Colour],
+    timings_ms: dict[str, float],
+) -> EmbedQueryResult:
+    vector = embedded.vector
+    if not _valid_vector(vector):
+        raise ValueError("the model produced a non-finite or zero embedding for this image")
+    return EmbedQueryResult(
+        vector=encode_vector(vector),
+        dim=int(vector.shape[0]),
+        model_version=model.model_version,
+        predicted=embedded.predicted,
+        colours=colours,
+        timings_ms=timings_ms,
+    )
+
+
 def embed_query(
     context: WorkerContext,
     payload: EmbedQuery | dict[str, Any],
@@ -451,34 +486,69 @@ def embed_query(
 
     `run_for(model)` infers the preprocessed image (dynamic batching); default: the model now."""
     request = EmbedQuery.model_validate(payload)
-    # The version the index serves if this process holds it, else the primary (the indexer
-    # answers 409 naming its version and the gateway asks again).
-    model = context.models.get(request.model_version or "", context.model)
+    model = _model_for(context, request.model_version)
     t0 = time.perf_counter()
     data = context.store.get(request.image.key)
     t1 = time.perf_counter()
     image = decode_image_checked(context, request.image, data)
     t2 = time.perf_counter()
+    colours = dominant_colours(image)
+    t3 = time.perf_counter()
     if run_for is None:
         embedded = model.embed_image(image)
     else:
         (embedded,) = model.embed_and_predict([lambda: image], catch=(), run=run_for(model))
         assert isinstance(embedded, Embedded)
-    vector = embedded.vector
-    t3 = time.perf_counter()
-    if not _valid_vector(vector):
-        raise ValueError("the model produced a non-finite or zero embedding for this image")
-    return EmbedQueryResult(
-        vector=encode_vector(vector),
-        dim=int(vector.shape[0]),
-        model_version=model.model_version,
-        predicted=embedded.predicted,
-        timings_ms={
-            "fetch": round((t1 - t0) * 1000, 2),
-            "decode": round((t2 - t1) * 1000, 2),
-            "infer": round((t3 - t2) * 1000, 2),
-        },
-    ).model_dump()
+    t4 = time.perf_counter()
+    timings = {"fetch": _ms(t1 - t0), "decode": _ms(t2 - t1), "colours": _ms(t3 - t2)}
+    timings["infer"] = _ms(t4 - t3)
+    return _query_result(model, embedded, colours, timings).model_dump()
+
+
+def embed_queries(
+    context: WorkerContext,
+    payload: EmbedQueries | dict[str, Any],
+    *,
+    run_for: RunFor | None = None,
+) -> dict[str, Any]:
+    """EMBED_QUERIES: several stored query photos → EmbedQueriesResult (as a dict), in order.
+
+    One model call for all of them (up to the model's batch size), all with one model version
+    (chosen as for EMBED_QUERY). The photos are fetched and decoded on the model's decode
+    threads; a photo that is missing, undecodable or not the named bytes fails the task with
+    the error EMBED_QUERY raises for it. Each result's `infer` is the model call they shared
+    (from the last photo being ready until the vectors are back)."""
+    request = EmbedQueries.model_validate(payload)
+    model = _model_for(context, request.model_version)
+    n = len(request.images)
+    colours: list[list[Colour]] = [[] for _ in range(n)]
+    timings: list[dict[str, float]] = [{} for _ in range(n)]
+    ready = [0.0] * n
+
+    def load(i: int) -> Image.Image:
+        ref = request.images[i]
+        t0 = time.perf_counter()
+        data = context.store.get(ref.key)
+        t1 = time.perf_counter()
+        image = decode_image_checked(context, ref, data)
+        t2 = time.perf_counter()
+        colours[i] = dominant_colours(image)
+        ready[i] = time.perf_counter()
+        timings[i] = {"fetch": _ms(t1 - t0), "decode": _ms(t2 - t1), "colours": _ms(ready[i] - t2)}
+        return image
+
+    outcomes = model.embed_and_predict(
+        [functools.partial(load, i) for i in range(n)],
+        catch=(),
+        run=run_for(model) if run_for is not None else None,
+    )
+    done = time.perf_counter()
+    infer = _ms(done - max(ready))
+    results = []
+    for i, embedded in enumerate(outcomes):
+        assert isinstance(embedded, Embedded)
+        results.append(_query_result(model, embedded, colours[i], {**timings[i], "infer": infer}))
+    return EmbedQueriesResult(results=results).model_dump()
 
 
 def _failure(item: EmbedItem, error: str) -> ItemFailure:
@@ -553,6 +623,15 @@ def embed_items(
         m.model_version: ([], []) for m in targets
     }
     summary: dict[str, Any] = {"job_id": request.job_id, "model_version": targets[0].model_version}
+    # Item position -> its colours, computed by the first model's pass over the decoded image.
+    colours: dict[int, list[Colour]] = {}
+
+    def load(position: int) -> Image.Image:
+        image = load_image(context, items[position].image)
+        if position not in colours:
+            colours[position] = dominant_colours(image)
+        return image
+
     started = time.perf_counter()
     try:
         window = context.settings.batch_size * PIPELINE_BATCHES
@@ -561,13 +640,13 @@ def embed_items(
             chunk = items[start : start + window]
             # The model's pipeline fetches and decodes the next batch on its decode threads
             # while the current one is inferred.
-            sources = [functools.partial(load_image, context, item.image) for item in chunk]
+            sources = [functools.partial(load, start + j) for j in range(len(chunk))]
             outcomes = model.embed_and_predict(
                 sources,
                 catch=(BlobNotFound, ValueError),
                 run=run_for(model) if run_for is not None else None,
             )
-            for item, outcome in zip(chunk, outcomes, strict=True):
+            for j, (item, outcome) in enumerate(zip(chunk, outcomes, strict=True)):
                 if isinstance(outcome, BlobNotFound):
                     failures.append(_failure(item, f"image not found in storage: {item.image.key}"))
                 elif isinstance(outcome, BaseException):  # ImageDecodeError, ImageMismatch
@@ -579,6 +658,7 @@ def embed_items(
                             image_sha256=item.image.sha256,
                             vector=encode_vector(outcome.vector),
                             predicted=outcome.predicted,
+                            colours=colours.get(start + j),
                         )
                     )
                 else:
@@ -696,7 +776,7 @@ def worker_argv(settings: EmbedderSettings, loglevel: str) -> list[str]:
 def create_worker_app(
     settings: EmbedderSettings, *, resources: EmbedderResources | None = None
 ) -> Celery:
-    """The embedder's Celery app with both tasks registered (sent by name from other services).
+    """The embedder's Celery app with its tasks registered (sent by name from other services).
 
     The tasks close over `resources` (default: built in each worker process from `settings`,
     which the parent passes to its children by forking, never through the environment). With
@@ -726,6 +806,12 @@ def create_worker_app(
         if batcher is None:
             return embed_query(resources.get(), request)
         return embed_query(resources.get(), request, run_for=task.batched(Priority.QUERY))
+
+    @policy_task(app, TaskName.EMBED_QUERIES, base=base, payload=EmbedQueries)
+    def embed_queries_task(task: Task, request: EmbedQueries) -> dict[str, Any]:
+        if batcher is None:
+            return embed_queries(resources.get(), request)
+        return embed_queries(resources.get(), request, run_for=task.batched(Priority.QUERY))
 
     @policy_task(app, TaskName.EMBED_ITEMS, base=base, payload=EmbedItems, on_poison=give_up_items)
     def embed_items_task(task: Task, request: EmbedItems) -> dict[str, Any]:

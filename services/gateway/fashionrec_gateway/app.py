@@ -29,7 +29,16 @@ from fashionrec_gateway.middleware import (
     RetryAfterMiddleware,
 )
 from fashionrec_gateway.ratelimit import RateLimits
-from fashionrec_gateway.routers import demo, health, images, index, items, jobs, search
+from fashionrec_gateway.routers import (
+    demo,
+    health,
+    images,
+    index,
+    items,
+    jobs,
+    recommend,
+    search,
+)
 from fashionrec_gateway.settings import GatewaySettings
 
 log = logging.getLogger("fashionrec.gateway")
@@ -37,7 +46,8 @@ log = logging.getLogger("fashionrec.gateway")
 THREADPOOL_SIZE = 200
 
 DESCRIPTION = """
-Visual fashion recommendations: upload a photo, get the most similar inventory items.
+Visual fashion recommendations: upload a photo, get the most similar inventory items; like and
+dislike photos and items for a personal feed (`POST /v1/recommend`).
 Errors are `application/problem+json` (RFC 9457) with a `detail`.
 """
 
@@ -91,6 +101,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # Outermost: error answers of the middleware inside (413, say) carry CORS headers too,
     # or a browser page could not read them.
     app.add_middleware(SettingsCORSMiddleware)
-    for module in (search, items, jobs, index, images, health, demo):
+    for module in (search, recommend, items, jobs, index, images, health, demo):
         app.include_router(module.router)
     return app

@@ -12,28 +12,41 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from fashionrec_shared.celery_app import send
 from fashionrec_shared.problems import ProblemError
-from fashionrec_shared.tasks import EmbedQuery, EmbedQueryResult, ImageRef, TaskName
+from fashionrec_shared.tasks import (
+    EmbedQueries,
+    EmbedQueriesResult,
+    EmbedQuery,
+    EmbedQueryResult,
+    ImageRef,
+    TaskName,
+)
 from kombu.exceptions import OperationalError as KombuOperationalError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 log = logging.getLogger("fashionrec.gateway.embedding")
 
-# v2: entries hold the query's predictions too; older entries (written without them) are
-# never read, so a model with heads never answers from a cache entry that lost them.
-QVEC_PREFIX = "fashionrec:qvec:v2:"
+# v3: entries hold the query's predictions and dominant colours; older entries (written
+# without them) are never read, so no answer comes from a cache entry that lost them.
+QVEC_PREFIX = "fashionrec:qvec:v3:"
+
+R = TypeVar("R", bound=BaseModel)
 
 
 class QueryEmbedder(Protocol):
     def __call__(
         self, image: ImageRef, timeout_s: float, model_version: str | None = None
     ) -> EmbedQueryResult: ...
+
+    def batch(
+        self, images: list[ImageRef], timeout_s: float, model_version: str | None = None
+    ) -> list[EmbedQueryResult]: ...
 
 
 class ServingVersion:
@@ -94,7 +107,8 @@ _CONNECTION_ERRORS = (
 
 
 class CeleryQueryEmbedder:
-    """Sends EMBED_QUERY and waits for its result; failures become 503/504/502 problems."""
+    """Sends EMBED_QUERY (one photo) or EMBED_QUERIES (several, one model batch) and waits for
+    the result; failures become 503/504/502 problems."""
 
     def __init__(self, app: Celery, sender: Callable[..., Any] = send) -> None:
         self.app = app
@@ -103,14 +117,31 @@ class CeleryQueryEmbedder:
     def __call__(
         self, image: ImageRef, timeout_s: float, model_version: str | None = None
     ) -> EmbedQueryResult:
+        payload = EmbedQuery(image=image, model_version=model_version)
+        return self._round_trip(TaskName.EMBED_QUERY, payload, EmbedQueryResult, timeout_s)
+
+    def batch(
+        self, images: list[ImageRef], timeout_s: float, model_version: str | None = None
+    ) -> list[EmbedQueryResult]:
+        """One result per image, in order, all of one model version."""
+        payload = EmbedQueries(images=images, model_version=model_version)
+        answer = self._round_trip(TaskName.EMBED_QUERIES, payload, EmbedQueriesResult, timeout_s)
+        versions = {result.model_version for result in answer.results}
+        if len(answer.results) != len(images) or len(versions) > 1:
+            raise ProblemError(
+                502,
+                "Bad Gateway",
+                f"the embedder sent {len(answer.results)} results of versions "
+                f"{sorted(versions)} for {len(images)} photos",
+            )
+        return answer.results
+
+    def _round_trip(
+        self, task: TaskName, payload: BaseModel, model: type[R], timeout_s: float
+    ) -> R:
         try:
             # expires: a query nobody waits for any more is not worth a worker's time.
-            result = self._send(
-                self.app,
-                TaskName.EMBED_QUERY,
-                EmbedQuery(image=image, model_version=model_version),
-                expires=timeout_s,
-            )
+            result = self._send(self.app, task, payload, expires=timeout_s)
         except (*_CONNECTION_ERRORS, RuntimeError) as exc:
             if not _unreachable(exc):
                 raise
@@ -132,13 +163,13 @@ class CeleryQueryEmbedder:
                 raise ProblemError(
                     503, "Service Unavailable", f"the result backend is unreachable ({exc})"
                 ) from exc
-            log.warning("embed_query failed for %s: %r", image.key, exc)
+            log.warning("%s failed: %r", task, exc)
             raise ProblemError(502, "Bad Gateway", f"the embedder failed: {exc}") from exc
         _forget(result)
         try:
             if isinstance(raw, str | bytes):
-                return EmbedQueryResult.model_validate_json(raw)
-            return EmbedQueryResult.model_validate(raw)
+                return model.model_validate_json(raw)
+            return model.model_validate(raw)
         except ValidationError as exc:
             raise ProblemError(
                 502, "Bad Gateway", f"the embedder sent an unexpected result: {exc.errors()[:3]}"
@@ -161,7 +192,8 @@ def qvec_key(model_version: str, sha256: str) -> str:
 
 
 class QueryVectorCache:
-    """EmbedQueryResult JSON (vector and predictions) under `{QVEC_PREFIX}{model_version}:{sha256}`.
+    """EmbedQueryResult JSON (vector, predictions, colours) under
+    `{QVEC_PREFIX}{model_version}:{sha256}`.
 
     Keyed by version, so a model change never serves a stale vector: an entry is valid as long
     as its version is. Redis trouble is a cache miss.

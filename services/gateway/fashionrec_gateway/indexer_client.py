@@ -2,9 +2,9 @@
 
 Mapping: unreachable (refused, or no connection in time) -> 503, no answer in time -> 504, 503
 or 504 (its database or broker is down, its index still loading) -> the same status, with the
-indexer's Retry-After when it sends one, 409 -> IndexerConflict (the search flow re-embeds once,
-with the model version the problem names), other 4xx -> the same status with the indexer's
-detail, other 5xx or garbage -> 502.
+indexer's Retry-After when it sends one, 409 -> IndexerConflict (search and recommend re-embed
+with the model version the problem names; see reembed), other 4xx -> the same status with the
+indexer's detail, other 5xx or garbage -> 502.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from fashionrec_shared.schemas import (
     IndexInfo,
     JobCreate,
     JobOut,
+    RecommendQuery,
     SearchFilters,
     UpsertItem,
     UpsertItemResult,
@@ -123,8 +124,30 @@ class IndexerClient:
         timings = parse_server_timing(response.headers.get("server-timing", ""))
         return self._parse(response, IndexerSearchResponse), timings
 
-    def similar(self, item_id: str, k: int, filters: SearchFilters) -> IndexerSearchResponse:
-        params = {"k": k, **filters.model_dump(exclude_none=True)}
+    def recommend_timed(
+        self, query: RecommendQuery
+    ) -> tuple[IndexerSearchResponse, dict[str, float]]:
+        """Liked and disliked examples in, ranked items out (and the indexer's stage timings)."""
+        response = self._request("POST", "/recommend", json=query.model_dump(mode="json"))
+        timings = parse_server_timing(response.headers.get("server-timing", ""))
+        return self._parse(response, IndexerSearchResponse), timings
+
+    def similar(
+        self,
+        item_id: str,
+        k: int,
+        filters: SearchFilters,
+        *,
+        collapse: bool = True,
+        explain: bool = True,
+    ) -> IndexerSearchResponse:
+        params = {
+            "k": k,
+            **filters.model_dump(exclude_none=True),
+            # Lower-case, as FastAPI on the other side reads booleans.
+            "collapse": str(collapse).lower(),
+            "explain": str(explain).lower(),
+        }
         response = self._request(
             "GET", f"/items/{check_id(item_id, 'item')}/similar", params=params
         )

@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 
 from fashionrec_shared.problems import problem_response
+from fashionrec_shared.schemas import MAX_RECOMMEND_PHOTOS
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Multipart framing and the metadata field come on top of the image itself.
 BODY_OVERHEAD = 256 * 1024
-# Many images in one request: this route has its own, larger body limit.
+# Many images in one request: these routes have their own, larger body limits.
 BATCH_PATH = "/v1/items/batch"
+RECOMMEND_PATH = "/v1/recommend"
 
 
 class BodyLimitMiddleware:
@@ -28,8 +30,11 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         settings = scope["app"].state.settings
-        if scope.get("path", "").rstrip("/").endswith(BATCH_PATH):
+        path = scope.get("path", "").rstrip("/")
+        if path.endswith(BATCH_PATH):
             limit = settings.max_batch_bytes
+        elif path.endswith(RECOMMEND_PATH):  # up to this many photos, each checked on its own
+            limit = settings.max_upload_bytes * MAX_RECOMMEND_PHOTOS + BODY_OVERHEAD
         else:
             limit = settings.max_upload_bytes + BODY_OVERHEAD
         detail = f"the request body is larger than the limit of {limit} bytes"

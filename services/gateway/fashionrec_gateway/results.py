@@ -1,4 +1,5 @@
-"""Search filters in, indexer hits out as public results with image URLs."""
+"""Query parameters shared by search, similar and recommend; indexer hits out as public results
+with image URLs."""
 
 from __future__ import annotations
 
@@ -50,6 +51,21 @@ def make_filters(
 
 FiltersDep = Annotated[SearchFilters, Depends(make_filters)]
 
+Collapse = Annotated[
+    bool,
+    Query(
+        description="one result per variant `group` (the best-scoring item of each); false: "
+        "every variant may answer",
+    ),
+]
+Explain = Annotated[
+    bool,
+    Query(
+        description="give each result `reasons`: the predicted category and attributes and the "
+        "dominant colours it shares with the query, and its score; false: `reasons` is null",
+    ),
+]
+
 
 def to_response(
     found: IndexerSearchResponse, base: str, predicted: Predicted | None = None
@@ -66,6 +82,9 @@ def to_response(
                 score=hit.score,
                 image_url=image_url(base, hit.image.key),
                 predicted=hit.predicted,
+                group=hit.group,
+                colours=hit.colours,
+                reasons=hit.reasons,
             )
             for hit in found.results
         ],

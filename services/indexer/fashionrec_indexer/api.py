@@ -21,7 +21,7 @@ from fashionrec_indexer.db import QUERY_PATH_OPTIONS, make_engine
 from fashionrec_indexer.deps import TaskSender
 from fashionrec_indexer.index_state import IndexState
 from fashionrec_indexer.metrics import make_metrics
-from fashionrec_indexer.routers import health, index, items, jobs, search
+from fashionrec_indexer.routers import health, index, items, jobs, recommend, search
 from fashionrec_indexer.settings import IndexerSettings
 
 log = logging.getLogger("fashionrec.indexer.api")
@@ -58,6 +58,6 @@ def create_app(settings: IndexerSettings | None = None) -> FastAPI:
         log.warning("database unavailable on %s: %s", request.url.path, exc)
         return problem_response(503, "Service Unavailable", "database unavailable", request)
 
-    for module in (health, items, search, jobs, index):
+    for module in (health, items, search, recommend, jobs, index):
         app.include_router(module.router)
     return app

@@ -41,6 +41,7 @@ def store_embeddings(
     """
     job_id = repo.parse_uuid(payload.job_id) if payload.job_id else None
     rows: dict[str, dict] = {}
+    colours: dict[str, list[dict[str, Any]]] = {}  # image sha256 → its colours as JSON
     successes: list[tuple[uuid.UUID, str]] = []
     failures: list[tuple[uuid.UUID, str]] = []
     for embedding in payload.embeddings:
@@ -60,6 +61,8 @@ def store_embeddings(
             "vector": vector.astype(DTYPE).tobytes(),
             **prediction_columns(embedding.predicted),
         }
+        if embedding.colours is not None:
+            colours[embedding.image_sha256] = [c.model_dump(mode="json") for c in embedding.colours]
         successes.append((item_id, embedding.image_sha256))
     for failure in payload.failures:
         item_id = repo.parse_uuid(failure.item_id)
@@ -70,13 +73,18 @@ def store_embeddings(
     with engine.begin() as conn:
         job = repo.get_job(conn, job_id) if job_id is not None else None
         if job is not None and job.kind == repo.REEMBED:
+            # Colours belong to the image, whatever the model: stored on the item at once.
+            for item_id, sha in successes:
+                if sha in colours:
+                    repo.store_colours(conn, item_id, sha, colours[sha])
             plan = _store_reembed(
                 conn, job, payload, rows, successes, failures, max_failed_fraction
             )
             return StoreOutcome(0, 0, 0, plan)
         repo.upsert_embeddings(conn, list(rows.values()))
         for item_id, sha in successes:
-            current = repo.mark_indexed(conn, item_id, sha)
+            # Only for the item's current image (the rule the embedding itself follows).
+            current = repo.mark_indexed(conn, item_id, sha, colours.get(sha))
             indexed += current
             # The job asked for this image, so its entry is done even if the item was re-imaged
             # meanwhile; without a job id only entries of the current image are finished.

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Connection,
     Row,
     and_,
+    case,
     exists,
     func,
     null,
@@ -217,6 +218,7 @@ def upsert_item(
         "category": metadata.category,
         "price": metadata.price,
         "attributes": metadata.attributes,
+        "variant_group": metadata.group,
         "image_key": image.key,
         "image_sha256": image.sha256,
         "status": status,
@@ -225,17 +227,30 @@ def upsert_item(
         "requeues": 0,
         "requeued_at": None,
     }
+    # Colours belong to the image: a new one has none until it is embedded, unless another
+    # item already has them (an image embedded before is not embedded again).
+    known_colours = (
+        select(items.c.colours)
+        .where(items.c.image_sha256 == image.sha256, items.c.colours.is_not(None))
+        .limit(1)
+        .scalar_subquery()
+    )
     stmt = insert(items).values(
         id=uuid.uuid4(),
         change_seq=change_seq.next_value(),
         created_at=func.now(),
         updated_at=func.now(),
+        colours=known_colours,
         **values,
     )
     stmt = stmt.on_conflict_do_update(
         index_elements=[items.c.sku],
         set_={
             **{k: stmt.excluded[k] for k in values},
+            "colours": case(
+                (items.c.image_sha256 == stmt.excluded.image_sha256, items.c.colours),
+                else_=stmt.excluded.colours,
+            ),
             "deleted_at": None,
             "change_seq": change_seq.next_value(),
             "updated_at": func.now(),
@@ -299,11 +314,12 @@ def item_exists(conn: Connection, item_id: uuid.UUID) -> bool:
 
 
 def item_vector(conn: Connection, item_id: uuid.UUID, model_version: str | None) -> Row | None:
-    """(vector, dim) of a live item's current image for `model_version`, if embedded."""
+    """(vector, dim, predicted, colours) of a live item's current image for `model_version`,
+    if embedded."""
     if model_version is None:
         return None
     return conn.execute(
-        select(embeddings.c.vector, embeddings.c.dim)
+        select(embeddings.c.vector, embeddings.c.dim, embeddings.c.predicted, items.c.colours)
         .select_from(items.join(embeddings, embeddings.c.image_sha256 == items.c.image_sha256))
         .where(
             items.c.id == item_id,
@@ -311,6 +327,32 @@ def item_vector(conn: Connection, item_id: uuid.UUID, model_version: str | None)
             embeddings.c.model_version == model_version,
         )
     ).first()
+
+
+def example_items(
+    conn: Connection, item_ids: Sequence[uuid.UUID], model_version: str
+) -> dict[uuid.UUID, Row]:
+    """Live items by id with (vector, dim, predicted) of their current image under
+    `model_version` (NULL where not embedded with it) and their colours, in one query: the
+    examples of a recommendation. Unknown and deleted ids are left out."""
+    if not item_ids:
+        return {}
+    join_on = and_(
+        embeddings.c.image_sha256 == items.c.image_sha256,
+        embeddings.c.model_version == model_version,
+    )
+    rows = conn.execute(
+        select(
+            items.c.id,
+            items.c.colours,
+            embeddings.c.vector,
+            embeddings.c.dim,
+            embeddings.c.predicted,
+        )
+        .select_from(items.outerjoin(embeddings, join_on))
+        .where(items.c.id.in_(list(item_ids)), items.c.deleted_at.is_(None))
+    )
+    return {row.id: row for row in rows}
 
 
 def hits_metadata(
@@ -333,6 +375,8 @@ def hits_metadata(
             items.c.price,
             items.c.image_key,
             items.c.image_sha256,
+            items.c.variant_group,
+            items.c.colours,
             embeddings.c.predicted,
         )
         .select_from(items.outerjoin(embeddings, join_on))
@@ -528,8 +572,15 @@ def upsert_embeddings(conn: Connection, rows: list[dict[str, Any]]) -> None:
     )
 
 
-def mark_indexed(conn: Connection, item_id: uuid.UUID, image_sha256: str) -> bool:
-    """Mark an item indexed if its *current* image is the embedded one; bumps change_seq."""
+def mark_indexed(
+    conn: Connection,
+    item_id: uuid.UUID,
+    image_sha256: str,
+    colours: list[dict[str, Any]] | None = None,
+) -> bool:
+    """Mark an item indexed if its *current* image is the embedded one, storing the image's
+    `colours` (None: keep those stored); bumps change_seq."""
+    values: dict[str, Any] = {"colours": colours} if colours is not None else {}
     result = conn.execute(
         update(items)
         .where(items.c.id == item_id, items.c.image_sha256 == image_sha256)
@@ -538,9 +589,22 @@ def mark_indexed(conn: Connection, item_id: uuid.UUID, image_sha256: str) -> boo
             error=None,
             change_seq=change_seq.next_value(),
             updated_at=func.now(),
+            **values,
         )
     )
     return result.rowcount > 0
+
+
+def store_colours(
+    conn: Connection, item_id: uuid.UUID, image_sha256: str, colours: list[dict[str, Any]]
+) -> None:
+    """The image's colours on the item if it is still its current image; nothing searchable
+    changes, so change_seq stays (a re-embed stores them this way)."""
+    conn.execute(
+        update(items)
+        .where(items.c.id == item_id, items.c.image_sha256 == image_sha256)
+        .values(colours=colours)
+    )
 
 
 def mark_failed(conn: Connection, item_id: uuid.UUID, error: str) -> bool:

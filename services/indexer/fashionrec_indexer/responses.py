@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
-from fashionrec_shared.schemas import IndexerHit, IndexerItem
-from fashionrec_shared.tasks import ImageRef, Predicted
-from pydantic import ValidationError
+from fashionrec_shared.schemas import IndexerHit, IndexerItem, Reasons
+from fashionrec_shared.tasks import Colour, ImageRef, Predicted
+from pydantic import TypeAdapter, ValidationError
 
 log = logging.getLogger("fashionrec.indexer.responses")
+_COLOURS = TypeAdapter(list[Colour])
 
 
 def stored_predictions(raw: Any) -> Predicted | None:
@@ -21,6 +23,17 @@ def stored_predictions(raw: Any) -> Predicted | None:
         return Predicted.model_validate(raw)
     except ValidationError:
         log.warning("ignoring unreadable stored predictions: %.200r", raw)
+        return None
+
+
+def stored_colours(raw: Any) -> list[Colour] | None:
+    """Stored colours (JSONB) as the contract's models; unreadable ones count as none."""
+    if raw is None:
+        return None
+    try:
+        return _COLOURS.validate_python(raw)
+    except ValidationError:
+        log.warning("ignoring unreadable stored colours: %.200r", raw)
         return None
 
 
@@ -38,14 +51,20 @@ def item_out(row: Any) -> IndexerItem:
         image=ImageRef(key=row.image_key, sha256=row.image_sha256),
         model_version=row.model_version,
         predicted=stored_predictions(row.predicted),
+        group=row.variant_group,
+        colours=stored_colours(row.colours),
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
 
 
-def hits_out(hits: list[tuple[uuid.UUID, float]], rows: dict[uuid.UUID, Any]) -> list[IndexerHit]:
-    """Search hits with their metadata (repository.hits_metadata), best first; hits deleted
-    between the delta probe and the metadata query are left out."""
+def hits_out(
+    hits: list[tuple[uuid.UUID, float]],
+    rows: Mapping[uuid.UUID, Any],
+    reasons: Mapping[uuid.UUID, Reasons] | None = None,
+) -> list[IndexerHit]:
+    """Search hits with their metadata (repository.hits_metadata) and `reasons` (None: none),
+    best first; hits deleted between the delta probe and the metadata query are left out."""
     return [
         IndexerHit(
             item_id=str(item_id),
@@ -56,6 +75,9 @@ def hits_out(hits: list[tuple[uuid.UUID, float]], rows: dict[uuid.UUID, Any]) ->
             score=score,
             image=ImageRef(key=rows[item_id].image_key, sha256=rows[item_id].image_sha256),
             predicted=stored_predictions(rows[item_id].predicted),
+            group=rows[item_id].variant_group,
+            colours=stored_colours(rows[item_id].colours),
+            reasons=reasons.get(item_id) if reasons is not None else None,
         )
         for item_id, score in hits
         if item_id in rows

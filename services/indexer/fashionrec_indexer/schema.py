@@ -59,10 +59,16 @@ items = Table(
     # (sweep.py); an upsert resets both.
     Column("requeues", Integer, nullable=False, server_default="0"),
     Column("requeued_at", DateTime(timezone=True)),
+    # The product the item is a variant of (ItemMetadata.group): results collapse to one per group.
+    Column("variant_group", Text),
+    # Dominant colours of the current image (fashionrec_shared.tasks.Colour list as JSON), stored
+    # with its embedding; NULL (not JSON null) until then.
+    Column("colours", JSONB(none_as_null=True)),
     UniqueConstraint("sku", name="items_sku_key"),
     CheckConstraint("status IN ('pending', 'indexed', 'failed')", name="items_status_check"),
     Index("items_change_seq_idx", "change_seq"),
     Index("items_image_sha256_idx", "image_sha256"),
+    Index("items_variant_group_idx", "variant_group"),
     # The pending sweep's scan touches pending items only (few, next to the indexed ones).
     Index("items_pending_idx", "updated_at", postgresql_where=text("status = 'pending'")),
 )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -229,6 +229,39 @@ def search(
         hits.extend(_search_delta(delta, query, k, filters, excluded))
     hits.sort(key=lambda hit: -hit[1])
     return [(item_id, max(-1.0, min(1.0, score))) for item_id, score in hits[:k]], stats
+
+
+def score_items(
+    build: LoadedIndex | None,
+    delta: DeltaView,
+    item_ids: Sequence[uuid.UUID],
+    queries: np.ndarray,
+) -> np.ndarray:
+    """Cosines (len(item_ids), len(queries)) of the given items' served vectors with each
+    normalised query row; NaN rows for ids neither the delta nor the build serves.
+
+    Reads only those items' rows (the delta's, else the build's by binary search over its ids),
+    never anything in proportion to the build: what re-scores candidates against several
+    query vectors (recommend)."""
+    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    out = np.full((len(item_ids), len(queries)), np.nan, dtype=np.float32)
+    rows = [delta.positions.get(i, -1) for i in item_ids]
+    in_delta = np.array([r >= 0 for r in rows], dtype=bool)
+    if in_delta.any():
+        picked = np.array([r for r in rows if r >= 0], dtype=np.int64)
+        out[in_delta] = delta.vectors[picked] @ queries.T
+    if build is not None and build.size:
+        # Stale build entries (changed since the build) are not served.
+        rest = [n for n, item_id in enumerate(item_ids) if not in_delta[n]]
+        rest = [n for n in rest if item_ids[n] not in delta.changed]
+        positions = build.ids.lookup([item_ids[n] for n in rest])
+        known = positions >= 0
+        if known.any():
+            at = np.asarray(rest, dtype=np.int64)[known]
+            order = np.argsort(positions[known])  # sequential reads of the mmap
+            block = build.vectors[positions[known][order]]
+            out[at[order]] = block @ queries.T
+    return out
 
 
 def searchable_count(build: LoadedIndex | None, delta: DeltaView) -> int:

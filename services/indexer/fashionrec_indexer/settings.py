@@ -76,6 +76,9 @@ class IndexerSettings(ServiceSettings):
     ann_candidates: int = Field(default=ANN_CANDIDATES, ge=1)
     # How builds store the vectors queries re-score (see builder.build_index).
     vector_dtype: Literal["float32", "float16", "int8"] = VECTOR_DTYPE
+    # Candidates a collapsing query (one result per variant group) or a recommendation looks
+    # at, at most: a catalogue of a few huge groups answers fewer than k rather than scan more.
+    max_candidates: int = Field(default=1000, ge=1)
     rebuild_min_new: int = Field(default=1000, ge=1)
     rebuild_interval_s: float = Field(default=600, gt=0)
     refresh_interval_s: float = Field(default=1.0, gt=0)

@@ -32,20 +32,21 @@ from fashionrec_gateway.deps import (
 from fashionrec_gateway.forms import single_parts
 from fashionrec_gateway.metrics import StageTimer
 from fashionrec_gateway.responses import problems
-from fashionrec_gateway.results import FiltersDep, K, to_response
+from fashionrec_gateway.results import Collapse, Explain, FiltersDep, K, to_response
 from fashionrec_gateway.urls import image_url, public_base
 from fashionrec_gateway.validation import ValidatedImage, validate_upload
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 
 METADATA_HELP = (
-    'JSON object: {"sku": required, unique per item, "title", "category", "price", "attributes"}'
+    'JSON object: {"sku": required, unique per item, "title", "category", "price", "attributes", '
+    '"group": the product it is a variant of}'
 )
 
 
 BATCH_METADATA_HELP = (
     "JSON list with one metadata object per `image` part, in the same order "
-    '(each {"sku": required, "title", "category", "price", "attributes"})'
+    '(each {"sku": required, "title", "category", "price", "attributes", "group"})'
 )
 _JSON_LIST = TypeAdapter(list[Any])
 
@@ -258,6 +259,8 @@ def similar_items(
     indexer: IndexerDep,
     filters: FiltersDep,
     k: K = 5,
+    collapse: Collapse = True,
+    explain: Explain = True,
 ) -> SearchResponse:
-    found = indexer.similar(item_id, k, filters)
+    found = indexer.similar(item_id, k, filters, collapse=collapse, explain=explain)
     return to_response(found, public_base(request, settings))

@@ -12,7 +12,7 @@ from fashionrec_shared.schemas import (
     SearchResponse,
     VectorQuery,
 )
-from fashionrec_shared.tasks import EmbedQueryResult, ImageRef, Predicted
+from fashionrec_shared.tasks import Predicted
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 
 from fashionrec_gateway.blobs import store_image
@@ -26,20 +26,16 @@ from fashionrec_gateway.deps import (
     ServingVersionDep,
     SettingsDep,
 )
-from fashionrec_gateway.embedding import QueryEmbedder, QueryVectorCache
 from fashionrec_gateway.forms import single_parts
-from fashionrec_gateway.indexer_client import IndexerConflict
-from fashionrec_gateway.metrics import GatewayMetrics, StageTimer
+from fashionrec_gateway.metrics import StageTimer
+from fashionrec_gateway.query_vectors import embed_one, record_embed
+from fashionrec_gateway.reembed import with_served_version
 from fashionrec_gateway.responses import problems
-from fashionrec_gateway.results import FiltersDep, K, to_response
+from fashionrec_gateway.results import Collapse, Explain, FiltersDep, K, to_response
 from fashionrec_gateway.urls import public_base
 from fashionrec_gateway.validation import validate_upload
 
 router = APIRouter(prefix="/v1", tags=["search"])
-
-# Re-embeds after a 409: one for a changed model version, a second only if the served version
-# changed again during the request.
-MAX_REEMBEDS = 2
 
 SameCategory = Annotated[
     bool,
@@ -72,38 +68,6 @@ def query_filters(
     return filters.model_copy(update={"predicted_category": category.label})
 
 
-def _embed(
-    ref: ImageRef,
-    embedder: QueryEmbedder,
-    cache: QueryVectorCache,
-    metrics: GatewayMetrics,
-    timeout_s: float,
-    model_version: str | None,
-) -> tuple[EmbedQueryResult, bool]:
-    """(the query vector of `model_version`, whether it came from the cache); None as version:
-    the embedder's choice."""
-    cached = cache.get(model_version, ref.sha256) if model_version else None
-    if cached is not None:
-        metrics.query_cache.labels("hit").inc()
-        return cached, True
-    metrics.query_cache.labels("miss").inc()
-    result = embedder(ref, timeout_s, model_version)
-    cache.put(ref.sha256, result)
-    return result, False
-
-
-# The embedder's own timings (EmbedQueryResult.timings_ms) shown as stages of their own; the rest
-# of the embed round trip is "queue": send, waiting for a free worker, result delivery.
-WORKER_STAGES = ("fetch", "decode", "infer")
-
-
-def _record_embed(timer: StageTimer, result: EmbedQueryResult, round_trip_s: float) -> None:
-    worker = {k: result.timings_ms[k] / 1000 for k in WORKER_STAGES if k in result.timings_ms}
-    for name, seconds in worker.items():
-        timer.record(name, seconds)
-    timer.record("queue", round_trip_s - sum(worker.values()))
-
-
 @router.post(
     "/search",
     response_model=SearchResponse,
@@ -125,6 +89,8 @@ def search(
     filters: FiltersDep,
     k: K = 5,
     same_category: SameCategory = False,
+    collapse: Collapse = True,
+    explain: Explain = True,
 ) -> SearchResponse:
     timer = StageTimer(metrics)
     started = getattr(request.state, "started", None)
@@ -139,16 +105,21 @@ def search(
         """The indexer's answer and the photo's predictions, both of one model version."""
         t0 = time.perf_counter()
         with timer.stage("embed"):
-            vector, cached = _embed(
+            vector, cached = embed_one(
                 ref, embedder, cache, metrics, settings.embed_timeout_s, model_version
             )
         if not cached:
-            _record_embed(timer, vector, time.perf_counter() - t0)
+            record_embed(timer, vector, time.perf_counter() - t0)
         query = VectorQuery(
             vector=vector.vector,
             model_version=vector.model_version,
             k=k,
             filters=query_filters(filters, same_category, vector.predicted),
+            collapse=collapse,
+            explain=explain,
+            # What the results' reasons compare them with.
+            predicted=vector.predicted,
+            colours=vector.colours,
         )
         with timer.stage("search"):
             found, index_timings = indexer.search_timed(query)
@@ -156,20 +127,7 @@ def search(
             timer.record(f"index-{name}", seconds)
         return found, vector.predicted
 
-    version, named = serving.value, None
-    for attempt in range(MAX_REEMBEDS + 1):
-        try:
-            found, predicted = run(version)
-            break
-        except IndexerConflict as conflict:
-            # The index serves another model version (a model change was swapped in, or this
-            # process has not seen an answer yet): embed again with the version it names. Once,
-            # unless the served version moved again meanwhile (a swap during this request).
-            serving.update(conflict.model_version)
-            if attempt == MAX_REEMBEDS or (attempt > 0 and conflict.model_version == named):
-                raise
-            named = version = conflict.model_version
-            metrics.reembeds.inc()
+    found, predicted = with_served_version(serving, metrics, run)
     serving.update(found.model_version)
     with timer.stage("respond"):
         answer = to_response(found, public_base(request, settings), predicted)

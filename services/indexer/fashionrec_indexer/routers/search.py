@@ -4,52 +4,37 @@ Both read one snapshot with its delta refreshed (see index_state), answer with t
 the snapshot serves, and time their stages into the search-latency histogram and the
 Server-Timing header (the gateway passes them on): `delta` (the per-query delta probe), `item`
 (similar: the item and its vector), `ann` (top-k over the build and the delta), `metadata`.
+With `collapse` (the default) results hold one item per variant group (see ranking); with
+`explain` each carries the `reasons` it matches the query for (see reasons).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 import numpy as np
 from fashionrec_shared.problems import ProblemError
 from fashionrec_shared.schemas import MAX_K, IndexerSearchResponse, SearchFilters, VectorQuery
-from fashionrec_shared.vectors import decode_vector
 from fastapi import APIRouter, Depends, Query, Response
 from sqlalchemy import Engine
 
 from fashionrec_indexer import repository as repo
 from fashionrec_indexer.deps import EngineDep, MetricsDep, SettingsDep, SnapshotDep, item_uuid
 from fashionrec_indexer.index_state import SnapshotView
-from fashionrec_indexer.metrics import Metrics
-from fashionrec_indexer.responses import hits_out
-from fashionrec_indexer.search import SearchRequest, search, searchable_count
+from fashionrec_indexer.query_checks import (
+    check_dim,
+    check_served,
+    decoded,
+    normalise,
+    search_fetch,
+)
+from fashionrec_indexer.ranking import rank
+from fashionrec_indexer.reasons import QuerySide, reasons_for
+from fashionrec_indexer.responses import hits_out, stored_colours, stored_predictions
+from fashionrec_indexer.search import SearchRequest, searchable_count
+from fashionrec_indexer.stopwatch import Stopwatch
 
 router = APIRouter()
-
-
-class Stopwatch:
-    """Stage durations of one request, observed as `search_latency{endpoint, stage}`."""
-
-    def __init__(self, metrics: Metrics, endpoint: str) -> None:
-        self.metrics = metrics
-        self.endpoint = endpoint
-        self.started = self._last = time.perf_counter()
-        self.stages: dict[str, float] = {}
-
-    def lap(self, stage: str) -> None:
-        """The time since the previous lap (or the start) is `stage`'s."""
-        now = time.perf_counter()
-        self.stages[stage] = now - self._last
-        self.metrics.search_latency.labels(self.endpoint, stage).observe(now - self._last)
-        self._last = now
-
-    def total(self) -> None:
-        elapsed = time.perf_counter() - self.started
-        self.metrics.search_latency.labels(self.endpoint, "total").observe(elapsed)
-
-    def server_timing(self) -> str:
-        return ", ".join(f"{name};dur={value * 1000:.2f}" for name, value in self.stages.items())
 
 
 def similar_filters(
@@ -66,28 +51,46 @@ def similar_filters(
     )
 
 
-def _normalise(vector: np.ndarray) -> np.ndarray:
-    norm = float(np.linalg.norm(vector))
-    if not np.isfinite(norm) or norm == 0:
-        raise ProblemError(422, "Unprocessable Content", "vector has zero or infinite length")
-    return (vector / norm).astype(np.float32)
-
-
 def _answer(
-    engine: Engine, view: SnapshotView, request: SearchRequest, watch: Stopwatch
+    engine: Engine,
+    view: SnapshotView,
+    request: SearchRequest,
+    watch: Stopwatch,
+    *,
+    collapse: bool,
+    query: QuerySide | None,
+    max_candidates: int,
 ) -> IndexerSearchResponse:
-    """Run `request` on the view and fetch the hits' metadata (stages `ann`, `metadata`)."""
+    """Run `request` on the view and fetch the hits' metadata (stages `ann`, `metadata`);
+    `query` None: no reasons (explain=false)."""
     model_version = view.model_version
     assert model_version is not None  # the callers checked the view serves a version
-    hits, stats = search(view.build, view.delta, request)
-    if stats.fallback:
-        watch.metrics.search_fallbacks.inc()
-    watch.lap("ann")
+    fetch = search_fetch(view, request, watch.metrics)
     with engine.connect() as conn:
-        rows = repo.hits_metadata(conn, [item_id for item_id, _ in hits], model_version)
-    watch.lap("metadata")
+        ranked = rank(
+            conn,
+            fetch,
+            request.k,
+            model_version,
+            collapse=collapse,
+            max_candidates=max_candidates,
+            lap=watch.lap,
+        )
+    reasons = None
+    if query is not None:
+        reasons = {
+            item_id: reasons_for(
+                score,
+                QuerySide(
+                    stored_predictions(ranked.rows[item_id].predicted),
+                    stored_colours(ranked.rows[item_id].colours),
+                ),
+                query,
+            )
+            for item_id, score in ranked.hits
+        }
     return IndexerSearchResponse(
-        results=hits_out(hits, rows),
+        results=hits_out(ranked.hits, ranked.rows, reasons),
         model_version=model_version,
         index_version=view.index_version,
     )
@@ -103,10 +106,7 @@ def search_vector(
     settings: SettingsDep,
 ) -> IndexerSearchResponse:
     watch = Stopwatch(metrics, "search")
-    try:
-        vector = decode_vector(body.vector)
-    except ValueError as exc:
-        raise ProblemError(422, "Unprocessable Content", str(exc)) from exc
+    vector = decoded(body.vector)
     with engine.connect() as conn:
         view = snapshot.view(conn)
     watch.lap("delta")
@@ -114,27 +114,25 @@ def search_vector(
         return IndexerSearchResponse(
             results=[], model_version=body.model_version, index_version=view.index_version
         )
-    if body.model_version != view.model_version:
-        raise ProblemError(
-            409,
-            "Conflict",
-            f"query embedded with model {body.model_version!r}, index uses {view.model_version!r}",
-            model_version=view.model_version,
-        )
-    if vector.shape[0] != view.dim:
-        raise ProblemError(
-            422,
-            "Unprocessable Content",
-            f"vector has {vector.shape[0]} dimensions, expected {view.dim}",
-        )
+    check_served(view, body.model_version)
+    check_dim(vector, view.dim)
     request = SearchRequest(
-        _normalise(vector),
+        normalise(vector),
         body.k,
         body.filters,
         search_k=settings.search_k,
         candidates=settings.ann_candidates,
     )
-    found = _answer(engine, view, request, watch)
+    query = QuerySide(body.predicted, body.colours) if body.explain else None
+    found = _answer(
+        engine,
+        view,
+        request,
+        watch,
+        collapse=body.collapse,
+        query=query,
+        max_candidates=settings.max_candidates,
+    )
     watch.total()
     # The gateway passes these on in its own Server-Timing header.
     response.headers["Server-Timing"] = watch.server_timing()
@@ -151,6 +149,8 @@ def similar(
     settings: SettingsDep,
     filters: Annotated[SearchFilters, Depends(similar_filters)],
     k: Annotated[int, Query(ge=1, le=MAX_K)] = 5,
+    collapse: bool = True,
+    explain: bool = True,
 ) -> IndexerSearchResponse:
     watch = Stopwatch(metrics, "similar")
     item = item_uuid(item_id)
@@ -165,7 +165,7 @@ def similar(
         raise ProblemError(
             409, "Conflict", f"item {item_id} has no embedding for the active model yet"
         )
-    vector = _normalise(np.frombuffer(row.vector, dtype="<f4").astype(np.float32))
+    vector = normalise(np.frombuffer(row.vector, dtype="<f4").astype(np.float32))
     request = SearchRequest(
         vector,
         k,
@@ -174,7 +174,18 @@ def similar(
         search_k=settings.search_k,
         candidates=settings.ann_candidates,
     )
-    found = _answer(engine, view, request, watch)
+    query = None
+    if explain:
+        query = QuerySide(stored_predictions(row.predicted), stored_colours(row.colours))
+    found = _answer(
+        engine,
+        view,
+        request,
+        watch,
+        collapse=collapse,
+        query=query,
+        max_candidates=settings.max_candidates,
+    )
     watch.total()
     response.headers["Server-Timing"] = watch.server_timing()
     return found
