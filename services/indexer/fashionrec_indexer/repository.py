@@ -10,6 +10,7 @@ from typing import Any
 from fashionrec_shared.schemas import ItemMetadata
 from fashionrec_shared.tasks import ImageRef
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Row,
     and_,
@@ -329,6 +330,14 @@ def item_vector(conn: Connection, item_id: uuid.UUID, model_version: str | None)
     ).first()
 
 
+def _current_embedding(model_version: str) -> ColumnElement[bool]:
+    """Join condition: the embedding of an item's current image under `model_version`."""
+    return and_(
+        embeddings.c.image_sha256 == items.c.image_sha256,
+        embeddings.c.model_version == model_version,
+    )
+
+
 def example_items(
     conn: Connection, item_ids: Sequence[uuid.UUID], model_version: str
 ) -> dict[uuid.UUID, Row]:
@@ -337,10 +346,7 @@ def example_items(
     examples of a recommendation. Unknown and deleted ids are left out."""
     if not item_ids:
         return {}
-    join_on = and_(
-        embeddings.c.image_sha256 == items.c.image_sha256,
-        embeddings.c.model_version == model_version,
-    )
+    join_on = _current_embedding(model_version)
     rows = conn.execute(
         select(
             items.c.id,
@@ -362,10 +368,7 @@ def hits_metadata(
     deleted items are left out."""
     if not item_ids:
         return {}
-    join_on = and_(
-        embeddings.c.image_sha256 == items.c.image_sha256,
-        embeddings.c.model_version == model_version,
-    )
+    join_on = _current_embedding(model_version)
     rows = conn.execute(
         select(
             items.c.id,
