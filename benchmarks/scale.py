@@ -581,6 +581,9 @@ def run_point(n: int, dim: int, dtype: str, args: argparse.Namespace, log: Conso
         first = latest_build(url)
         result["build"] = {**build1, "in_db_s": first["in_db_s"]}
         result["index_mb"] = index_size(work, first["build_id"])
+        # The Annoy budget the build calibrated (None for a build without calibration).
+        result["search_k"] = first["manifest"].get("search_k")
+        result["calibrated_recall"] = first["manifest"].get("calibrated_recall")
         log.print(f"  build {build1['build_s']:.1f}s, peak RSS {build1['peak_rss_mb']:.0f} MB")
 
         started = time.time()
@@ -643,14 +646,15 @@ def _data(r: dict[str, Any]) -> str:
 def render(results: list[dict[str, Any]], console: Console) -> None:
     table = Table(title="indexer at scale (one client, loopback HTTP, k=5)")
     for column in ("items", "dim", "data", "vectors", "build s", "build peak RSS MB", "index MB",
-                   "swap s", "search p50/p95 ms", "similar p50/p95 ms", "recall@5"):  # fmt: skip
+                   "swap s", "search_k", "search p50/p95 ms", "similar p50/p95 ms",
+                   "recall@5"):  # fmt: skip
         table.add_column(column, justify="right")
     for r in results:
         s, m = r["search_after_swap"], r["similar_after_swap"]
         table.add_row(
             f"{r['items']:,}", str(r["dim"]), _data(r), r["vector_dtype"],
             f"{r['build']['build_s']:.1f}", f"{r['build']['peak_rss_mb']:.0f}",
-            f"{r['index_mb']['total']:.0f}", f"{r['swap_s']:.2f}",
+            f"{r['index_mb']['total']:.0f}", f"{r['swap_s']:.2f}", str(r.get("search_k") or "-"),
             f"{s['p50_ms']:.2f} / {s['p95_ms']:.2f}", f"{m['p50_ms']:.2f} / {m['p95_ms']:.2f}",
             f"{s['recall_at_5']:.3f} / {m['recall_at_5']:.3f}",
         )  # fmt: skip

@@ -22,6 +22,7 @@ from fashionrec_shared.vectors import DTYPE
 from sqlalchemy import Engine
 
 from fashionrec_indexer import repository as repo
+from fashionrec_indexer.index_eval import calibrate_search_k
 from fashionrec_indexer.index_files import PROJECTION_FILE, publish
 from fashionrec_indexer.item_arrays import (
     ITEMS_FILE,
@@ -35,8 +36,17 @@ from fashionrec_indexer.item_arrays import (
     encode_vectors,
     image_key,
 )
+from fashionrec_indexer.loaded_index import open_build
 from fashionrec_indexer.manifest import FORMAT, METRIC, IndexManifest
-from fashionrec_indexer.settings import ANN_DIM, ANN_PROJECTION, N_TREES, VECTOR_DTYPE
+from fashionrec_indexer.settings import (
+    ANN_CANDIDATES,
+    ANN_DIM,
+    ANN_PROJECTION,
+    CALIBRATION_QUERIES,
+    N_TREES,
+    TARGET_RECALL,
+    VECTOR_DTYPE,
+)
 
 log = logging.getLogger("fashionrec.indexer.builder")
 
@@ -88,6 +98,9 @@ def build_index(
     work_dir: Path | None = None,
     model_version: str | None = None,
     vector_dtype: str = VECTOR_DTYPE,
+    target_recall: float = TARGET_RECALL,
+    calibration_queries: int = CALIBRATION_QUERIES,
+    ann_candidates: int = ANN_CANDIDATES,
 ) -> BuildResult:
     """Build and publish an index; skipped when nothing changed.
 
@@ -98,6 +111,9 @@ def build_index(
     `ann_dim`/`ann_projection`: the space the trees are built in (see write_ann).
     `vector_dtype`: how vectors.npy stores the vectors re-scored per query (float32, float16, or
     int8 with a scale per row; see item_arrays).
+    `target_recall`: the build calibrates the Annoy search_k queries use to reach this recall@5
+    on `calibration_queries` of its items with `ann_candidates` candidates (0: it does not; see
+    index_eval.calibrate_search_k).
     """
     with build_lock(engine):
         with engine.connect() as conn:
@@ -135,6 +151,10 @@ def build_index(
                     tmp, vectors, n_trees, ann_dim, ann_projection, progress=bar
                 ),
             )
+            if target_recall > 0:
+                manifest = _calibrated(
+                    tmp, manifest, target_recall, calibration_queries, ann_candidates, progress
+                )
             manifest = manifest.model_copy(update={"reason": reason})
             publish(store, tmp, manifest)
             with engine.begin() as conn:
@@ -147,6 +167,37 @@ def build_index(
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("index build %s ready: %d items (%s)", build_id, manifest.item_count, reason)
     return BuildResult("ready", f"built {manifest.item_count} items", manifest)
+
+
+def _calibrated(
+    directory: Path,
+    manifest: IndexManifest,
+    target: float,
+    samples: int,
+    candidates: int,
+    progress: bool,
+) -> IndexManifest:
+    """The manifest with the search_k the written build calibrated (see index_eval)."""
+    with progress_bar(progress) as bar:
+        found = calibrate_search_k(
+            open_build(directory, manifest), target, samples, candidates, progress=bar
+        )
+    if not found.samples:
+        return manifest
+    level = logging.INFO if found.recall >= target else logging.WARNING
+    log.log(
+        level,
+        "index build %s: search_k %d gives recall@5 %.3f on %d of its items (target %.2f; %.1f s)",
+        manifest.build_id,
+        found.search_k,
+        found.recall,
+        found.samples,
+        target,
+        found.seconds,
+    )
+    return manifest.model_copy(
+        update={"search_k": found.search_k, "calibrated_recall": round(found.recall, 4)}
+    )
 
 
 def fit_projection(vectors: np.ndarray, ann_dim: int, kind: str, seed: int = 0) -> np.ndarray:

@@ -11,11 +11,18 @@ items is a correct answer. "Annoy" is the served path: `candidates` Annoy answer
 space, possibly a projection) re-scored exactly from vectors.npy. Latencies are wall times of
 one query each (that path with search_k; exact = one matrix-vector product over all vectors plus
 a partial sort).
+
+Every new build also calibrates its Annoy budget here (`calibrate_search_k`): at a fixed
+search_k the recall falls as the inventory grows, at a rate that depends on the data (the
+benchmark mixture: 0.997 at 100k items with 2000, 0.44 at 1M), so a fixed budget either wastes
+work on small catalogues or loses neighbours on large ones. The build measures the same recall on
+its own items and keeps the smallest search_k that reaches the target.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +34,12 @@ from fashionrec_indexer import repository as repo
 from fashionrec_indexer.index_files import fetch
 from fashionrec_indexer.loaded_index import LoadedIndex, open_build
 from fashionrec_indexer.search import annoy_candidates
-from fashionrec_indexer.settings import ANN_CANDIDATES
+from fashionrec_indexer.settings import (
+    ANN_CANDIDATES,
+    CALIBRATION_QUERIES,
+    SEARCH_K_PER_CANDIDATE,
+    TARGET_RECALL,
+)
 
 TIE_EPS = 1e-6
 WARMUP_QUERIES = 10  # page in the mmapped files before timing
@@ -130,6 +142,115 @@ def evaluate_build(
         "exact_ms_median": _ms(exact_s, 50),
         "exact_ms_p95": _ms(exact_s, 95),
     }
+
+
+# ---- per-build search_k -------------------------------------------------------------------------
+
+CALIBRATION_K = 5
+# search_k doubles from the flat-cost floor until the target is reached (at most this many
+# steps), then two bisections narrow the step that reached it to a quarter of its width.
+CALIBRATION_STEPS = 9
+CALIBRATION_BISECTIONS = 2
+# Rows of the exact scan per step (float32 of this many rows x dim is held at once).
+EXACT_ROWS = 16384
+
+
+@dataclass(frozen=True)
+class Calibration:
+    search_k: int
+    recall: float  # on the sampled items, at search_k
+    samples: int
+    seconds: float
+    steps: tuple[tuple[int, float], ...] = ()  # (search_k, recall) measured, in order
+
+
+def exact_thresholds(build: LoadedIndex, positions: np.ndarray, k: int) -> np.ndarray:
+    """The k-th best exact cosine of each sampled item (sorted positions) with the others (itself
+    left out), in one streamed pass over vectors.npy (products of EXACT_ROWS rows at a time)."""
+    queries = np.ascontiguousarray(build.vectors[positions], dtype=np.float32)
+    best = np.full((len(positions), k), -np.inf, dtype=np.float32)
+    rows = np.arange(len(positions))
+    for start in range(0, build.size, EXACT_ROWS):
+        end = min(build.size, start + EXACT_ROWS)
+        scores = queries @ build.vectors[start:end].T
+        inside = (positions >= start) & (positions < end)
+        scores[rows[inside], positions[inside] - start] = -np.inf
+        if scores.shape[1] > k:
+            scores = np.partition(scores, scores.shape[1] - k, axis=1)[:, -k:]
+        merged = np.concatenate([best, scores], axis=1)
+        best = np.partition(merged, merged.shape[1] - k, axis=1)[:, -k:]
+    return best.min(axis=1)
+
+
+def _recall_at(
+    build: LoadedIndex,
+    positions: np.ndarray,
+    queries: list[np.ndarray],
+    thresholds: np.ndarray,
+    k: int,
+    candidates: int,
+    search_k: int,
+) -> float:
+    hits = 0
+    for position, query, threshold in zip(positions, queries, thresholds, strict=True):
+        answer = _served_top(build, query, int(position), k, candidates, search_k)
+        scores = build.vectors.scores(np.array(answer, dtype=np.int64), query)
+        hits += int(np.sum(scores >= threshold - TIE_EPS))
+    return hits / (k * len(positions))
+
+
+def calibrate_search_k(
+    build: LoadedIndex,
+    target: float = TARGET_RECALL,
+    samples: int = CALIBRATION_QUERIES,
+    candidates: int = ANN_CANDIDATES,
+    seed: int = 0,
+    progress: Any = None,
+) -> Calibration:
+    """The smallest Annoy search_k (from SEARCH_K_PER_CANDIDATE x candidates up, doubling, then
+    bisected) whose recall@5 on `samples` of the build's own items, each left out of its own
+    answer, reaches `target`; the largest tried when none does. `progress`: a rich Progress."""
+    started = time.perf_counter()
+    floor = SEARCH_K_PER_CANDIDATE * candidates
+    k = min(CALIBRATION_K, build.size - 1)
+    if build.annoy is None or k < 1 or target <= 0:
+        return Calibration(floor, float("nan"), 0, 0.0)
+    rng = np.random.default_rng(seed)
+    positions = np.sort(rng.choice(build.size, size=min(samples, build.size), replace=False))
+    task = progress.add_task("calibrating search_k", total=None) if progress else None
+    thresholds = exact_thresholds(build, positions, k)
+    queries = [np.ascontiguousarray(build.vectors[int(p)], dtype=np.float32) for p in positions]
+    n = max(candidates, k + 1)
+    steps: list[tuple[int, float]] = []
+
+    def measure(search_k: int) -> float:
+        recall = _recall_at(build, positions, queries, thresholds, k, n, search_k)
+        steps.append((search_k, recall))
+        if task is not None:
+            progress.update(task, description=f"calibrating search_k: {search_k} → {recall:.3f}")
+        return recall
+
+    low, high = 0, floor
+    recall = measure(high)
+    for _ in range(CALIBRATION_STEPS - 1):
+        # Past size x trees Annoy already visits every leaf: more budget finds nothing new.
+        if recall >= target or high >= build.size * build.manifest.n_trees:
+            break
+        low, high = high, high * 2
+        recall = measure(high)
+    if recall >= target and low:
+        for _ in range(CALIBRATION_BISECTIONS):
+            middle = (low + high) // 2
+            found = measure(middle)
+            if found >= target:
+                high, recall = middle, found
+            else:
+                low = middle
+    if task is not None:
+        progress.update(task, total=1, completed=1)
+    return Calibration(
+        high, recall, len(positions), round(time.perf_counter() - started, 3), tuple(steps)
+    )
 
 
 def evaluate_index(

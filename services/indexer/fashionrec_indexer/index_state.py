@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fashionrec_shared.limits import SETTLE_S
 from fashionrec_shared.storage import BlobStore
 from fashionrec_shared.vectors import DTYPE
 from sqlalchemy import Connection, Engine
 
 from fashionrec_indexer import repository as repo
-from fashionrec_indexer.builder import SETTLE_S
 from fashionrec_indexer.index_files import fetch, prune_cache
 from fashionrec_indexer.item_arrays import image_key
 from fashionrec_indexer.loaded_index import LoadedIndex, open_build

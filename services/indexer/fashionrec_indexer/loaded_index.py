@@ -74,9 +74,11 @@ class LoadedIndex:
         return len(self.items.ids)
 
 
-def open_build(directory: Path) -> LoadedIndex:
-    """Open a fetched build (format 2, or format 1 with items.json)."""
-    manifest = IndexManifest.from_json((directory / MANIFEST).read_bytes())
+def open_build(directory: Path, manifest: IndexManifest | None = None) -> LoadedIndex:
+    """Open a fetched build (format 2, or format 1 with items.json); `manifest`: its manifest
+    when the directory has none yet (a build being written)."""
+    if manifest is None:
+        manifest = IndexManifest.from_json((directory / MANIFEST).read_bytes())
     projection = None
     if manifest.ann_dim != manifest.dim:
         projection = np.ascontiguousarray(np.load(directory / PROJECTION_FILE), dtype=np.float32)

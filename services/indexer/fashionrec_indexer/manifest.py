@@ -40,6 +40,10 @@ class IndexManifest(BaseModel):
     format: int = 1  # of the item files: 1 items.json, 2 items.npz
     vector_dtype: VectorDtype = "float32"  # how vectors.npy stores the normalised vectors
     checksums: dict[str, str]  # sha256 of every file in `files`
+    # The Annoy search_k this build calibrated (index_eval.calibrate_search_k) and the recall@5
+    # it measured with it on its own items; None: not calibrated (older builds, target 0).
+    search_k: int | None = None
+    calibrated_recall: float | None = None
     # Items with change_seq <= max_change_seq are in the build (the settled part of the snapshot);
     # seen_change_seq is the newest change the snapshot saw: nothing changed when it still is.
     max_change_seq: int = Field(ge=0)

@@ -38,7 +38,7 @@ class SearchRequest:
 
     `query` must be L2-normalised (full dimension). `candidates`: Annoy answers re-scored
     exactly (at least; more when filters or the delta mask out part of the build). `search_k`:
-    Annoy's; -1 = SEARCH_K_PER_CANDIDATE x the candidates asked.
+    Annoy's; -1 = the build's calibrated one, at least SEARCH_K_PER_CANDIDATE x the candidates.
     """
 
     query: np.ndarray
@@ -107,10 +107,10 @@ def build_mask(build: LoadedIndex, filters: SearchFilters) -> np.ndarray:
 
 def annoy_candidates(build: LoadedIndex, query: np.ndarray, n: int, search_k: int) -> list[int]:
     """Annoy's n nearest positions (may return fewer: a known Annoy behaviour); search_k -1:
-    SEARCH_K_PER_CANDIDATE x n (see settings)."""
+    the build's calibrated one, at least SEARCH_K_PER_CANDIDATE x n (see settings)."""
     assert build.annoy is not None
     if search_k < 0:
-        search_k = n * SEARCH_K_PER_CANDIDATE
+        search_k = max(n * SEARCH_K_PER_CANDIDATE, build.manifest.search_k or 0)
     return build.annoy.get_nns_by_vector(build.ann_vector(query), n, search_k=search_k)
 
 

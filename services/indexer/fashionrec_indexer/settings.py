@@ -33,9 +33,14 @@ SEARCH_K = -1  # SEARCH_K_PER_CANDIDATE x the candidates asked for
 # a 1k one: 0.25 of 0.53). 20 per candidate (2000): 0.34 ms at 100k, recall@5 0.9973 -> 0.9967
 # (1k: 0.999 both; benchmarks/scale.py mixtures, PCA 256, 50 trees, 100 candidates).
 # A fixed search_k keeps the query cost flat but not the recall: at 1M items of the isotropic
-# 1280-d mixture, recall@5 is 0.50 at 2000, 0.64 at 5000, 0.85 at 20000 and 0.95 only at 50000
-# (~20 ms a query); raise FASHIONREC_INDEXER_SEARCH_K for inventories that large.
+# 1280-d mixture, recall@5 is 0.44 at 2000, 0.83 at 20000, 0.94 at 50000 (7.5 ms in process)
+# and 0.98 at 100000 (15 ms). So each build calibrates its own search_k (index_eval): the
+# smallest from this floor up whose recall@5 on CALIBRATION_QUERIES of its own items reaches
+# TARGET_RECALL; -1 searches with that (never below the floor for the candidates asked).
 SEARCH_K_PER_CANDIDATE = 20
+# 0.96 on the sample, so that new queries (whose recall varies around it) stay at >= 0.95.
+TARGET_RECALL = 0.96
+CALIBRATION_QUERIES = 200
 # How a build stores the vectors it re-scores per query (benchmarks/scale.py: recall@5 against
 # exact float32 search the same for all three; float16 halves the files and the page cache a
 # query touches, int8 quarters them).
@@ -67,8 +72,12 @@ class IndexerSettings(ServiceSettings):
     port: int = 8001
     index_dir: Path = Path("data/index-cache")
     n_trees: int = Field(default=N_TREES, ge=1)
-    # Annoy nodes inspected per query; -1 = SEARCH_K_PER_CANDIDATE x the candidates asked.
+    # Annoy nodes inspected per query; -1 = the build's calibrated one, at least
+    # SEARCH_K_PER_CANDIDATE x the candidates asked.
     search_k: int = SEARCH_K
+    # What a build calibrates its search_k to (recall@5 on its own items; 0: no calibration).
+    target_recall: float = Field(default=TARGET_RECALL, ge=0, le=1)
+    calibration_queries: int = Field(default=CALIBRATION_QUERIES, ge=10)
     # Dimension of the space the Annoy trees are built in (0 or ≥ the embedding dim: none).
     ann_dim: int = Field(default=ANN_DIM, ge=0)
     ann_projection: Literal["pca", "random"] = ANN_PROJECTION
