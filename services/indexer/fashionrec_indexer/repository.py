@@ -338,54 +338,55 @@ def _current_embedding(model_version: str) -> ColumnElement[bool]:
     )
 
 
-def example_items(
-    conn: Connection, item_ids: Sequence[uuid.UUID], model_version: str
+def _live_items(
+    conn: Connection, item_ids: Sequence[uuid.UUID], model_version: str, *columns: Any
 ) -> dict[uuid.UUID, Row]:
-    """Live items by id with (vector, dim, predicted) of their current image under
-    `model_version` (NULL where not embedded with it) and their colours, in one query: the
-    examples of a recommendation. Unknown and deleted ids are left out."""
+    """`columns` of live items by id, with those of their current image's embedding under
+    `model_version` (NULL where not embedded with it), in one query; unknown and deleted ids
+    are left out."""
     if not item_ids:
         return {}
-    join_on = _current_embedding(model_version)
     rows = conn.execute(
-        select(
-            items.c.id,
-            items.c.colours,
-            embeddings.c.vector,
-            embeddings.c.dim,
-            embeddings.c.predicted,
-        )
-        .select_from(items.outerjoin(embeddings, join_on))
+        select(items.c.id, *columns)
+        .select_from(items.outerjoin(embeddings, _current_embedding(model_version)))
         .where(items.c.id.in_(list(item_ids)), items.c.deleted_at.is_(None))
     )
     return {row.id: row for row in rows}
+
+
+def example_items(
+    conn: Connection, item_ids: Sequence[uuid.UUID], model_version: str
+) -> dict[uuid.UUID, Row]:
+    """The examples of a recommendation: (colours, vector, dim, predicted) by id."""
+    return _live_items(
+        conn,
+        item_ids,
+        model_version,
+        items.c.colours,
+        embeddings.c.vector,
+        embeddings.c.dim,
+        embeddings.c.predicted,
+    )
 
 
 def hits_metadata(
     conn: Connection, item_ids: Sequence[uuid.UUID], model_version: str
 ) -> dict[uuid.UUID, Row]:
-    """Metadata of search hits, with their predictions under `model_version`, in one query;
-    deleted items are left out."""
-    if not item_ids:
-        return {}
-    join_on = _current_embedding(model_version)
-    rows = conn.execute(
-        select(
-            items.c.id,
-            items.c.sku,
-            items.c.title,
-            items.c.category,
-            items.c.price,
-            items.c.image_key,
-            items.c.image_sha256,
-            items.c.variant_group,
-            items.c.colours,
-            embeddings.c.predicted,
-        )
-        .select_from(items.outerjoin(embeddings, join_on))
-        .where(items.c.id.in_(list(item_ids)), items.c.deleted_at.is_(None))
+    """Metadata of search hits, with their predictions under `model_version`."""
+    return _live_items(
+        conn,
+        item_ids,
+        model_version,
+        items.c.sku,
+        items.c.title,
+        items.c.category,
+        items.c.price,
+        items.c.image_key,
+        items.c.image_sha256,
+        items.c.variant_group,
+        items.c.colours,
+        embeddings.c.predicted,
     )
-    return {row.id: row for row in rows}
 
 
 def _searchable(model_version: str, dim: int) -> Any:
